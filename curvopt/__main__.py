@@ -1,0 +1,7 @@
+"""``python -m curvopt``: the ``curvopt`` command."""
+
+import sys
+
+from curvopt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,363 @@
+"""Capture during the ordinary forward and backward pass, then compute.
+
+How one backward pass is turned into the requested quantities:
+
+1. **Forward**: a forward hook on every module that owns parameters keeps a
+   :class:`Record` of the call (its inputs and the gradient edge of its
+   output).  A forward hook on the loss module keeps its input and target.
+2. **Start of backward**: a tensor hook on the loss input fires first.  While
+   the graph below is intact, it sends the columns of the loss-Hessian square
+   root (exact and/or MC) back through autograd to every recorded layer output
+   (``autograd.grad(..., inputs=edges)``): no per-module backward code, so
+   residual, branched and functional graphs work as they are.
+3. **During backward**: a tensor hook on each recorded output keeps the
+   gradient that autograd delivers there.
+4. **End of backward** (``queue_callback``): for each parameter, its rule
+   turns (records, cotangents) into a layout, and the layer-agnostic formulas in
+   :mod:`curvopt.quantities` produce every requested quantity, sharing work
+   between them.  Results go to ``Collector.results`` and, like BackPACK, to
+   attributes on the parameters.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+
+from .. import losses, rules
+from ..errors import CollectError, UnsupportedLossError
+from ..extensions import (
+    KFAC,
+    KFLR,
+    KFRA,
+    BatchGrad,
+    BatchL2Grad,
+    DiagGGNExact,
+    DiagGGNMC,
+    DiagHessian,
+    Extension,
+    SumGradSquared,
+    Variance,
+)
+from ..quantities import first_order, second_order
+
+_ACTIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@dataclass(eq=False)
+class Record:
+    """One call of a hooked module in the forward pass."""
+
+    name: str
+    module: nn.Module
+    rule: rules.Rule
+    args: tuple
+    kwargs: dict
+    output: Tensor
+    edge: object
+    grad: Tensor | None = None
+    done: bool = False
+    columns: dict = field(default_factory=dict)  # kind -> [K, *output.shape]
+    _layouts: dict | None = None
+
+    def layouts(self):
+        if self._layouts is None:
+            self._layouts = self.rule.layouts(self.module, self.args, self.kwargs, self.output)
+        return self._layouts
+
+
+@dataclass(eq=False)
+class LossRecord:
+    module: nn.Module
+    input: Tensor
+    target: Tensor
+    output: Tensor
+
+
+def _first_tensor(out):
+    if torch.is_tensor(out):
+        return out
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            if torch.is_tensor(o):
+                return o
+    return None
+
+
+def _detach_all(xs):
+    return tuple(x.detach() if torch.is_tensor(x) else x for x in xs)
+
+
+class Collector:
+    """Hooks on a model (and its loss) that compute the requested quantities on backward.
+
+    Args:
+        model: any ``nn.Module``.
+        loss_fn: the loss *module* applied to the model output (``None`` is allowed
+            when only first-order quantities are requested).
+        extensions: the quantities to compute (instances from :mod:`curvopt.extensions`);
+            may be changed between backward passes via :attr:`extensions`.
+        set_attributes: also store results as attributes on the parameters
+            (``p.grad_batch``, ``p.kfac``, ...), as BackPACK does.
+
+    After each backward, :attr:`results` maps parameter names (as in
+    ``model.named_parameters()``) to ``{savefield: value}``.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn=None, extensions=(), set_attributes=True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"collect: model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.set_attributes = set_attributes
+        self._handles: list = []
+        self._pending: list[Record] = []
+        self._loss_records: list[LossRecord] = []
+        self._queued = False
+        self._nested = False
+        # True while curvopt itself re-runs modules (the generic rule's torch.func calls).
+        self._computing = False
+        self.results: dict[str, dict] = {}
+        self._names = {}
+        for n, p in model.named_parameters():
+            self._names.setdefault(p, n)
+        self.extensions = extensions
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def extensions(self) -> tuple:
+        return self._extensions
+
+    @extensions.setter
+    def extensions(self, exts):
+        exts = tuple(exts)
+        seen = set()
+        for e in exts:
+            if not isinstance(e, Extension) or type(e) is Extension:
+                raise TypeError(
+                    f"collect: {e!r} is not a curvopt extension; use the classes in "
+                    "curvopt.extensions, e.g. BatchGrad() or KFAC(mc_samples=1)."
+                )
+            if e.savefield in seen:
+                raise ValueError(f"collect: {type(e).__name__} requested twice")
+            seen.add(e.savefield)
+        second = [e for e in exts if e.needs_loss]
+        if second:
+            if self.loss_fn is None:
+                raise UnsupportedLossError(
+                    f"{type(second[0]).__name__} needs the loss function: pass it as "
+                    "collect(model, loss_fn, ...)."
+                )
+            losses.check_loss(self.loss_fn, type(second[0]).__name__)
+        self._extensions = exts
+        self._by_type = {type(e): e for e in exts}
+
+    def param_results(self, p: nn.Parameter) -> dict:
+        """Results of the last backward for parameter ``p`` (empty if none)."""
+        return self.results.get(self._names.get(p, ""), {})
+
+    # --------------------------------------------------------------------- attach/detach
+    def attach(self) -> Collector:
+        if self._handles:
+            return self
+        if self.model in _ACTIVE:
+            raise CollectError(
+                "collect: this model already has an active curvopt collector (nested "
+                "collect, or an optimizer of curvopt holding one). Exit the other first."
+            )
+        covered: list[str] = []
+        for name, module in self.model.named_modules():
+            if any(name.startswith(c + ".") for c in covered):
+                continue
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                self._handles.append(module.register_forward_pre_hook(self._bn_check(name)))
+            if not own:
+                continue
+            rule = rules.lookup(module)
+            if getattr(rule, "covers_subtree", False) and name:
+                covered.append(name)
+            self._handles.append(
+                module.register_forward_hook(self._forward_hook(name, rule), with_kwargs=True)
+            )
+        if isinstance(self.loss_fn, nn.Module):
+            self._handles.append(self.loss_fn.register_forward_hook(self._loss_hook))
+        _ACTIVE.add(self.model)
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._pending.clear()
+        self._loss_records.clear()
+        _ACTIVE.discard(self.model)
+
+    def __enter__(self):
+        return self.attach()
+
+    def __exit__(self, *exc):
+        self.detach()
+        return False
+
+    # ----------------------------------------------------------------------------- hooks
+    def _bn_check(self, name):
+        def hook(module, args):
+            if self._extensions and torch.is_grad_enabled():
+                rules.norm.BatchNormRule().check(module, name)
+
+        return hook
+
+    def _forward_hook(self, name, rule):
+        def hook(module, args, kwargs, output):
+            if not self._extensions or not torch.is_grad_enabled() or self._computing:
+                return
+            out = _first_tensor(output)
+            if out is None or not out.requires_grad:
+                return
+            rec = Record(
+                name=name, module=module, rule=rule, args=_detach_all(args),
+                kwargs={k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()},
+                output=out.detach(), edge=get_gradient_edge(out),
+            )
+            self._pending.append(rec)
+            out.register_hook(lambda g, rec=rec: self._grad_hook(rec, g))
+
+        return hook
+
+    def _grad_hook(self, rec: Record, g: Tensor):
+        if self._nested:
+            return
+        if rec.done or rec.grad is not None:
+            raise CollectError(
+                f"backward reached layer '{rec.name}' a second time for the same forward pass "
+                "inside collect (retain_graph and a second backward?). Quantities are "
+                "computed once per forward+backward: run a new forward before each backward."
+            )
+        rec.grad = g.detach()
+        self._queue()
+
+    def _queue(self):
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
+
+    def _loss_hook(self, module, args, output):
+        if not self._extensions or not torch.is_grad_enabled() or self._computing:
+            return
+        o = args[0]
+        if not (torch.is_tensor(o) and o.requires_grad):
+            return
+        lrec = LossRecord(module, o, args[1].detach() if len(args) > 1 else None, output)
+        self._loss_records.append(lrec)
+        if output.requires_grad:
+            output.register_hook(lambda g: self._loss_output_hook(g))
+        o.register_hook(lambda g, lrec=lrec: self._loss_input_hook(lrec, g))
+
+    def _loss_output_hook(self, g):
+        if self._nested:
+            return
+        if g.numel() == 1 and not torch.allclose(g, torch.ones_like(g)):
+            warnings.warn(
+                f"curvopt: the loss was scaled after the loss module (d total / d loss = "
+                f"{g.item():.4g}). First-order quantities follow the scaled loss, curvature "
+                "quantities follow the loss module as it is; apply scaling inside the loss "
+                "module (e.g. reduction='sum') to keep them consistent.",
+                stacklevel=2,
+            )
+
+    def _loss_input_hook(self, lrec: LossRecord, g: Tensor):
+        if self._nested:
+            return
+        self._queue()
+        if not any(e.needs_loss for e in self._extensions):
+            return
+        recs = [r for r in self._pending if not r.done]
+        if not recs:
+            return
+        self._nested = True
+        try:
+            second_order.propagate(self, lrec, recs, g)
+        finally:
+            self._nested = False
+
+    # -------------------------------------------------------------------------- finalize
+    def _finalize(self):
+        self._queued = False
+        recs = [r for r in self._pending if r.grad is not None and not r.done]
+        self._pending = [r for r in self._pending if r.grad is None and not r.done]
+        self._loss_records.clear()
+        for r in recs:
+            r.done = True
+        self._computing = True
+        try:
+            self.results = compute(self, recs)
+        finally:
+            self._computing = False
+        if self.set_attributes:
+            for name, res in self.results.items():
+                p = self._param_by_name(name)
+                for k, v in res.items():
+                    setattr(p, k, v)
+        for r in recs:  # free captured tensors
+            r.args, r.kwargs, r.columns, r._layouts = (), {}, {}, None
+
+    def _param_by_name(self, name):
+        if not hasattr(self, "_by_name"):
+            self._by_name = dict(self.model.named_parameters())
+        return self._by_name[name]
+
+
+FIRST = {BatchGrad: "grad_batch", SumGradSquared: "sum_grad_squared", Variance: "variance",
+         BatchL2Grad: "batch_l2"}
+
+
+def compute(col: Collector, recs: list[Record]) -> dict[str, dict]:
+    """Group records by parameter and evaluate every requested quantity."""
+    per_param: dict[nn.Parameter, list] = {}
+    for r in recs:
+        for local, lay in r.layouts().items():
+            per_param.setdefault(lay.param, []).append((r, lay))
+    wanted_first = {FIRST[t] for t in col._by_type if t in FIRST}
+    out: dict[str, dict] = {}
+    for p, items in per_param.items():
+        name = col._names.get(p)
+        if name is None:
+            continue
+        res = {}
+        if wanted_first:
+            res.update(first_order.compute(items, wanted_first))
+        res.update(second_order.compute(col, items))
+        out[name] = res
+    return out
+
+
+@contextmanager
+def collect(model: nn.Module, loss_fn=None, *extensions: Extension, set_attributes: bool = True):
+    """Compute ``extensions`` during the backward passes inside the ``with`` block.
+
+    .. code-block:: python
+
+        with curvopt.collect(model, loss_fn, BatchGrad(), KFLR()):
+            loss_fn(model(X), y).backward()
+        model[0].weight.grad_batch, model[0].weight.kflr
+
+    Hooks are installed on entry and all removed on exit, also when the body
+    raises.  ``loss_fn`` may be ``None`` when only first-order quantities are
+    requested.  Yields the :class:`Collector` (``.results`` keyed by parameter name).
+    """
+    if isinstance(loss_fn, Extension):
+        extensions = (loss_fn, *extensions)
+        loss_fn = None
+    col = Collector(model, loss_fn, extensions, set_attributes=set_attributes)
+    col.attach()
+    try:
+        yield col
+    finally:
+        col.detach()

@@ -1,0 +1,134 @@
+"""Curvature blocks of one parameter: Kronecker-factored, or diagonal as a fallback.
+
+A block is a thin *view* over the parameter's optimizer state (a ``dict``,
+``optimizer.state[p]``): it owns no storage, so ``state_dict()`` /
+``load_state_dict()`` of the optimizer save and restore it completely.  The
+maths lives in :mod:`curvopt.optim.functional`; a block only decides what is
+cached (kfac-jax's "curvature block").
+
+State keys of a :class:`KroneckerBlock`:
+
+=====================  ==========================================================
+``factors``            running averages :math:`[\\bar F_1, \\dots]` (row-major ``[G, A]``)
+``factor_updates``     number of factor updates so far (int)
+``inverses``           cached :math:`(\\bar F_i + \\delta_i I)^{-1}` (``damping_mode="pi"``)
+``eigenvectors``       cached :math:`Q_i` (``damping_mode="eigen"``)
+``eigenvalues``        cached :math:`d_i` (``damping_mode="eigen"``)
+``inverse_damping``    the λ the cached inverses were computed with
+``inverse_updates``    number of inverse/eigendecomposition computations (int)
+=====================  ==========================================================
+
+A :class:`DiagonalBlock` keeps ``diag_avg`` (running average of the GGN
+diagonal) and ``factor_updates``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from . import functional as F
+
+__all__ = ["KroneckerBlock", "DiagonalBlock", "DAMPING_MODES"]
+
+DAMPING_MODES = ("pi", "eigen")
+
+
+class KroneckerBlock:
+    """Kronecker-factored curvature :math:`C \\approx \\bar F_1 \\otimes \\dots \\otimes \\bar F_k` of one parameter.
+
+    Args:
+        state: the parameter's optimizer state dict (read and written in place).
+        damping_mode: ``"pi"``: Tikhonov damping of each factor with the π
+            correction, cached explicit inverses (two matrix products per
+            step); ``"eigen"``: exact damping :math:`(C + \\lambda I)^{-1}` in
+            the factors' eigenbasis, cached eigendecompositions (four matrix
+            products per step; λ may change between decompositions).
+    """
+
+    def __init__(self, state: dict, damping_mode: str = "pi"):
+        if damping_mode not in DAMPING_MODES:
+            raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
+        self.state = state
+        self.damping_mode = damping_mode
+
+    # -------------------------------------------------------------------- factors
+    @property
+    def factors(self) -> list[Tensor] | None:
+        return self.state.get("factors")
+
+    def update_factors(self, raw: Sequence[Tensor], decay: float) -> None:
+        """:math:`\\bar F_i \\leftarrow \\varepsilon \\bar F_i + (1-\\varepsilon) F_i` (first call: copy)."""
+        old = self.state.get("factors")
+        if old is not None and len(old) != len(raw):
+            raise ValueError(f"got {len(raw)} factors, the running average has {len(old)}")
+        self.state["factors"] = [
+            F.ema(None if old is None else o, r.detach(), decay)
+            for o, r in zip(old if old is not None else [None] * len(raw), raw)
+        ]
+        self.state["factor_updates"] = self.state.get("factor_updates", 0) + 1
+
+    # -------------------------------------------------------------------- inverses
+    @property
+    def has_inverse(self) -> bool:
+        key = "inverses" if self.damping_mode == "pi" else "eigenvectors"
+        return key in self.state
+
+    def update_inverse(self, damping: float) -> None:
+        """Recompute the cache from the current running averages (float64 inside)."""
+        factors = self.factors
+        if factors is None:
+            raise RuntimeError("update_inverse called before any factor update")
+        if self.damping_mode == "pi":
+            self.state["inverses"] = F.damped_inverses(factors, damping)
+        else:
+            Qs, ds = F.eigendecomposition(factors)
+            self.state["eigenvectors"], self.state["eigenvalues"] = Qs, ds
+        self.state["inverse_damping"] = float(damping)
+        self.state["inverse_updates"] = self.state.get("inverse_updates", 0) + 1
+
+    def multiply(self, grad: Tensor, damping: float) -> Tensor:
+        """The damped inverse curvature times ``grad`` (``grad``'s shape and dtype).
+
+        ``"pi"`` uses the cached inverses (computed with the λ of the last
+        :meth:`update_inverse`); ``"eigen"`` applies ``damping`` exactly.
+        """
+        if self.damping_mode == "pi":
+            return F.precondition_inverses(grad, self.state["inverses"])
+        return F.precondition_eigen(
+            grad, self.state["eigenvectors"], self.state["eigenvalues"], damping
+        )
+
+    def curvature_matvec(self, v: Tensor) -> Tensor:
+        """:math:`(\\bar F_1 \\otimes \\dots)\\, v` with the running averages (for the quadratic model)."""
+        return F.kronecker_matvec([f.to(v.dtype) for f in self.factors], v)
+
+
+class DiagonalBlock:
+    """Diagonal curvature (running average of the GGN diagonal): curvopt's K-FAC fallback.
+
+    Used for parameters the engine gives no Kronecker factors for.  The
+    direction is :math:`\\nabla \\oslash (\\bar h + \\lambda)`, the exact damped
+    inverse of a diagonal curvature (no cache needed).
+    """
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def update_factors(self, diag: Tensor, decay: float) -> None:
+        self.state["diag_avg"] = F.ema(self.state.get("diag_avg"), diag.detach(), decay)
+        self.state["factor_updates"] = self.state.get("factor_updates", 0) + 1
+
+    @property
+    def has_inverse(self) -> bool:
+        return "diag_avg" in self.state
+
+    def update_inverse(self, damping: float) -> None:  # nothing to cache
+        pass
+
+    def multiply(self, grad: Tensor, damping: float) -> Tensor:
+        return F.precondition_diagonal(grad, self.state["diag_avg"].to(grad.dtype), damping)
+
+    def curvature_matvec(self, v: Tensor) -> Tensor:
+        return self.state["diag_avg"].to(v.dtype) * v

@@ -1,0 +1,47 @@
+"""First-order quantities from the gradient that reaches each layer.
+
+With :math:`g_n = f\\nabla\\ell_n` the per-sample gradients (``K = 1`` cotangent):
+
+* ``grad_batch`` :math:`= [g_1, …, g_N]`, ``[N, *p.shape]``;
+* ``sum_grad_squared`` :math:`= \\sum_n g_n^{\\odot 2}`;
+* ``variance`` :math:`= \\tfrac1N\\sum_n g_n^{\\odot2} - (\\tfrac1N\\sum_n g_n)^{\\odot2}`;
+* ``batch_l2`` :math:`= [\\lVert g_n\\rVert^2]_n`.
+
+Per-sample gradients are materialised only when ``grad_batch`` is asked for
+(or the layer has no closed form); otherwise the layout's closed forms are used
+(:meth:`~curvopt.rules.layout.Bound.sum_sq`, ``l2``, ``total``).
+"""
+
+from __future__ import annotations
+
+from ..rules.layout import concat
+
+
+def compute(items, wanted: set[str]) -> dict:
+    """``items``: ``[(record, layout)]`` of one parameter; ``wanted``: savefields."""
+    bounds = concat([lay.bind(r.grad.unsqueeze(0)) for r, lay in items])
+    N = items[0][1].N
+    out = {}
+    need_sgs = bool(wanted & {"sum_grad_squared", "variance"})
+    if "grad_batch" in wanted or len(bounds) > 1:
+        # One tensor serves all four (and sums uses of a weight shared across layer types).
+        gb = bounds[0].per_sample()[0]
+        for b in bounds[1:]:
+            gb = gb + b.per_sample()[0]
+        if "grad_batch" in wanted:
+            out["grad_batch"] = gb
+        sgs = gb.pow(2).sum(0) if need_sgs else None
+        l2 = gb.flatten(1).pow(2).sum(1) if "batch_l2" in wanted else None
+        total = gb.sum(0) if "variance" in wanted else None
+    else:
+        b = bounds[0]
+        sgs = b.sum_sq() if need_sgs else None
+        l2 = b.l2() if "batch_l2" in wanted else None
+        total = b.total() if "variance" in wanted else None
+    if "sum_grad_squared" in wanted:
+        out["sum_grad_squared"] = sgs
+    if "variance" in wanted:
+        out["variance"] = (sgs / N - (total / N).pow(2)).clamp_min(0)
+    if "batch_l2" in wanted:
+        out["batch_l2"] = l2
+    return out

@@ -1,0 +1,157 @@
+"""Second-order quantities from cotangent columns sent back through autograd.
+
+At the start of backward (the loss-input hook), :func:`propagate` builds the
+columns of the loss-Hessian square root at the model output ``o``
+(:mod:`curvopt.losses`) and sends each back to every recorded layer output
+with ``torch.autograd.grad(o, edges, s_k, retain_graph=True)``.  One set of
+columns serves every quantity that needs it:
+
+* ``"exact"`` (:math:`\\sum_k s_k s_k^\\top = fH`): DiagGGNExact, KFLR, DiagHessian;
+* ``"mc"`` (sampled): DiagGGNMC and KFAC (shared when their ``mc_samples`` agree);
+* ``"kfra"``: the KFRA recursion (:mod:`.kfra`);
+* residual columns of smooth activations for DiagHessian (:mod:`.diag_hessian`).
+
+Then, per parameter, :func:`compute` reads the columns through the layer's
+layout:
+
+* diagonal: :math:`\\operatorname{diag} = \\sum_{k,n} (\\nabla\\ell_{kn})^{\\odot2}`
+  (``Bound.sum_sq``, no per-sample tensor for one-row-per-sample layers);
+* Kronecker: ``[G, A]`` with :math:`G = \\sum_{k,n,s} r r^\\top`,
+  :math:`A = \\tfrac1N\\sum_{n,s} x x^\\top`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import losses
+from ..extensions import KFAC, KFLR, KFRA, DiagGGNExact, DiagGGNMC, DiagHessian
+from ..rules.layout import DenseBound, ElementwiseBound, EmbeddingBound, concat
+
+
+def _mc_kinds(exts) -> dict:
+    """Map each MC extension type to the column kind it reads; equal M share one draw."""
+    kinds = {}
+    ms = {t: exts[t].mc_samples for t in (DiagGGNMC, KFAC) if t in exts}
+    if len(set(ms.values())) == 1:
+        for t in ms:
+            kinds[t] = "mc"
+    else:
+        for t in ms:
+            kinds[t] = f"mc_{t.__name__}"
+    return kinds
+
+
+def send_back(output, recs, columns, kind, retain=True):
+    """``columns: [K, *output.shape]`` → ``rec.columns[kind]: [K, *rec.output.shape]``."""
+    edges = [r.edge for r in recs]
+    per_rec = [[] for _ in recs]
+    for s in columns:
+        gs = torch.autograd.grad(output, edges, s, retain_graph=retain, allow_unused=True)
+        for lst, gi in zip(per_rec, gs):
+            lst.append(gi)
+    for r, lst in zip(recs, per_rec):
+        if all(x is None for x in lst):
+            continue
+        r.columns[kind] = torch.stack(
+            [torch.zeros_like(r.output) if x is None else x for x in lst]
+        )
+
+
+def propagate(col, lrec, recs, g_out):
+    """Send every column kind the requested extensions need back to ``recs``."""
+    exts = col._by_type
+    loss_fn, o, y = col.loss_fn, lrec.input, lrec.target
+    if any(t in exts for t in (DiagGGNExact, KFLR, DiagHessian)):
+        send_back(o, recs, losses.sqrt_hessian(loss_fn, o, y), "exact")
+    mc = _mc_kinds(exts)
+    for t, kind in mc.items():
+        if kind in recs[0].columns or any(kind in r.columns for r in recs):
+            continue
+        S = losses.mc_sqrt_hessian(loss_fn, o, y, exts[t].mc_samples)
+        send_back(o, recs, S, kind)
+    if KFRA in exts:
+        from . import kfra
+
+        kfra.propagate(col, lrec, recs, g_out)
+    if DiagHessian in exts:
+        from . import diag_hessian
+
+        diag_hessian.propagate(col, lrec, recs, g_out)
+
+
+def _bounds(items, kind):
+    return concat([lay.bind(r.columns[kind]) for r, lay in items if kind in r.columns])
+
+
+def diagonal(items, kind, weights=False):
+    """:math:`\\sum_{k,n} w_{kn} (\\nabla\\ell_{kn})^{\\odot2}` for one parameter."""
+    p = items[0][1].param
+    wkey = kind + ":w"
+    if weights:
+        bounds = [
+            (lay.bind(r.columns[kind]), r.columns[wkey]) for r, lay in items if kind in r.columns
+        ]
+    else:
+        bounds = [(b, None) for b in _bounds(items, kind)]
+    if not bounds:
+        return torch.zeros_like(p)
+    if len(bounds) == 1 or weights:
+        # With residual weights each record's columns are independent (one activation each).
+        out = bounds[0][0].sum_sq(bounds[0][1])
+        for b, w in bounds[1:]:
+            out = out + b.sum_sq(w)
+        return out
+    # A weight shared across layer types: sum the per-sample gradients before squaring.
+    ps = sum(b.per_sample() for b, _ in bounds)
+    return ps.pow(2).sum((0, 1))
+
+
+def kronecker(items, kind):
+    """Kronecker factors in row-major order (BackPACK's), or ``[dense block]``."""
+    bounds = _bounds(items, kind)
+    p = items[0][1].param
+    if not bounds:
+        return None
+    if len(bounds) == 1:
+        b = bounds[0]
+        if isinstance(b, DenseBound):
+            if b.layout.transposed:
+                # ConvTranspose: W is [C_in, C_out/g·k…]; the input side is the row index.
+                return [b.kron_A(), b.kron_G()]
+            return [b.kron_G(), b.kron_A()]
+        if isinstance(b, ElementwiseBound) and b.Xhat is None:
+            return [b.kron_G()]
+        if isinstance(b, EmbeddingBound):
+            return [b.kron_A(), b.kron_G()]
+        return [b.dense_block()]
+    ps = sum(b.per_sample() for b in bounds).flatten(2).flatten(0, 1)
+    if ps.shape[1] > 4096:
+        from ..rules.layout import dense_block_error
+
+        raise dense_block_error(p.numel())
+    return [ps.T @ ps]
+
+
+def compute(col, items) -> dict:
+    exts = col._by_type
+    out = {}
+    mc = _mc_kinds(exts)
+    if DiagGGNExact in exts:
+        out["diag_ggn_exact"] = diagonal(items, "exact")
+    if DiagGGNMC in exts:
+        out["diag_ggn_mc"] = diagonal(items, mc[DiagGGNMC])
+    if KFLR in exts:
+        out["kflr"] = kronecker(items, "exact")
+    if KFAC in exts:
+        out["kfac"] = kronecker(items, mc[KFAC])
+    if KFRA in exts:
+        from . import kfra
+
+        out["kfra"] = kfra.factors(items)
+    if DiagHessian in exts:
+        d = out["diag_ggn_exact"] if "diag_ggn_exact" in out else diagonal(items, "exact")
+        from . import diag_hessian
+
+        out["diag_h"] = d + diag_hessian.residual_diagonal(items)
+    return {k: v for k, v in out.items() if v is not None}

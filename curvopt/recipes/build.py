@@ -1,0 +1,324 @@
+"""Turn a validated :class:`~curvopt.recipes.schema.RecipeConfig` into model, loss, optimizer, data.
+
+The optimizer registry :data:`OPTIMIZERS` maps a recipe's ``optimizer.name`` to a
+constructor.  curvopt's own optimizers are imported lazily, inside the
+constructor, so recipes load (and the baselines run) in an installation
+where :mod:`curvopt.optim` is incomplete.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvopt.recipes.data import Data, make_data
+from curvopt.recipes.schema import (
+    ModelConfig,
+    RecipeConfig,
+    RecipeError,
+    ScheduleConfig,
+    did_you_mean,
+)
+
+__all__ = [
+    "OPTIMIZERS",
+    "OptimizerSpec",
+    "Built",
+    "build",
+    "build_model",
+    "build_loss",
+    "build_scheduler",
+    "check_optimizer_params",
+]
+
+
+# ------------------------------------------------------------------------------ optimizers
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """How to construct one registered optimizer.
+
+    Attributes:
+        resolve: returns the optimizer class (imports lazily; raises :class:`RecipeError`
+            when it is not available).
+        takes_model: ``cls(model, loss_fn, **kw)`` (curvopt's, which hold a hook engine)
+            instead of ``cls(model.parameters(), **kw)``.
+        create_graph: the loop must call ``loss.backward(create_graph=True)`` (Hessian-vector
+            products, e.g. Adahessian).
+    """
+
+    resolve: Callable[[], type]
+    takes_model: bool = False
+    create_graph: bool = False
+
+
+def _curvopt_optimizer(cls_name: str) -> Callable[[], type]:
+    def resolve() -> type:
+        try:
+            import curvopt.optim as optim
+
+            return getattr(optim, cls_name)
+        except (ImportError, AttributeError) as err:
+            raise RecipeError(
+                f"optimizer class curvopt.optim.{cls_name} is not available in this "
+                f"installation ({err}); use a baseline (sgd, adam, adamw, adahessian)"
+            ) from err
+
+    return resolve
+
+
+def _adahessian() -> type:
+    import torch_optimizer
+
+    return torch_optimizer.Adahessian
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "sgd": OptimizerSpec(lambda: torch.optim.SGD),
+    "adam": OptimizerSpec(lambda: torch.optim.Adam),
+    "adamw": OptimizerSpec(lambda: torch.optim.AdamW),
+    "adahessian": OptimizerSpec(_adahessian, create_graph=True),
+    "kfac": OptimizerSpec(_curvopt_optimizer("KFACOptimizer"), takes_model=True),
+    "diag_ggn_adam": OptimizerSpec(_curvopt_optimizer("DiagGGNAdam"), takes_model=True),
+    "variance_adaptive_sgd": OptimizerSpec(
+        _curvopt_optimizer("VarianceAdaptiveSGD"), takes_model=True
+    ),
+}
+
+#: Constructor arguments never taken from a recipe's ``[optimizer]`` table.
+_NOT_FROM_RECIPE = {"params", "model", "loss_fn", "track", "self"}
+
+
+def _hyperparameters(cls: type) -> dict[str, inspect.Parameter] | None:
+    """Keyword parameters of ``cls.__init__`` a recipe may set; ``None`` if it takes ``**kwargs``."""
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    positional = [p for p in params.values() if p.default is inspect.Parameter.empty]
+    skip = _NOT_FROM_RECIPE | {p.name for p in positional}
+    return {
+        name: p
+        for name, p in params.items()
+        if name not in skip and p.kind is not inspect.Parameter.VAR_POSITIONAL
+    }
+
+
+def _check_value(key: str, value: Any, default: Any) -> Any:
+    """Check a hyperparameter's TOML value against the type of its default; convert it."""
+    if default is None or default is inspect.Parameter.empty:
+        return tuple(value) if isinstance(value, list) else value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and isinstance(default, float):
+            value = float(value)
+    elif isinstance(default, (tuple, list)):
+        ok = isinstance(value, (list, tuple))
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise RecipeError(
+            f"optimizer.{key}: expected {type(default).__name__} "
+            f"(like the default {default!r}), got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def check_optimizer_params(name: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    """Check an ``[optimizer]`` table's keyword arguments against the constructor's signature.
+
+    Returns:
+        The converted keyword arguments, or ``None`` if the optimizer class is not available
+        (then the check happens in :func:`build`).
+
+    Raises:
+        RecipeError: for an unknown optimizer name or keyword (naming the valid ones) or a
+            value of the wrong type.
+    """
+    if name not in OPTIMIZERS:
+        raise RecipeError(
+            f"optimizer.name: unknown optimizer {name!r}{did_you_mean(name, list(OPTIMIZERS))}; "
+            f"valid choices: {', '.join(OPTIMIZERS)}"
+        )
+    spec = OPTIMIZERS[name]
+    try:
+        cls = spec.resolve()
+    except RecipeError:
+        return None
+    allowed = _hyperparameters(cls)
+    if allowed is None:
+        return dict(params)
+    valid = list(allowed)
+    out = {}
+    for key, value in params.items():
+        if key not in valid:
+            raise RecipeError(
+                f"unknown key 'optimizer.{key}' for optimizer {name!r} "
+                f"({cls.__module__}.{cls.__qualname__}){did_you_mean(key, valid)}; "
+                f"valid keys: name, {', '.join(valid)}"
+            )
+        out[key] = _check_value(key, value, allowed[key].default)
+    return out
+
+
+def build_optimizer(
+    config: RecipeConfig, model: nn.Module, loss_fn: nn.Module
+) -> torch.optim.Optimizer:
+    """The optimizer of ``config`` over ``model`` (``track`` passed to curvopt's optimizers)."""
+    opt = config.optimizer
+    kwargs = check_optimizer_params(opt.name, opt.params)
+    spec = OPTIMIZERS[opt.name]
+    cls = spec.resolve()  # raises the clear error if the class is missing
+    if kwargs is None:  # pragma: no cover - the class appeared between load and build
+        kwargs = check_optimizer_params(opt.name, opt.params) or {}
+    if opt.lr is not None:
+        kwargs["lr"] = opt.lr
+    if spec.takes_model:
+        if config.track.quantities:
+            kwargs["track"] = list(config.track.quantities)
+        return cls(model, loss_fn, **kwargs)
+    return cls(model.parameters(), **kwargs)
+
+
+# ---------------------------------------------------------------------------------- models
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+    "softplus": nn.Softplus,
+    "gelu": nn.GELU,
+    "identity": nn.Identity,
+}
+
+
+def build_model(config: ModelConfig, in_shape: tuple[int, ...], out_features: int) -> nn.Module:
+    """An ``nn.Sequential`` from the declarative spec (initialised with torch's global RNG)."""
+    n_hidden = len(config.hidden) + (len(config.channels) if config.kind == "cnn" else 0)
+    acts = config.activation
+    acts = (acts,) * n_hidden if isinstance(acts, str) else acts
+    act_iter = iter(acts)
+    layers: list[nn.Module] = []
+    if config.kind == "cnn":
+        c_in, h, w = in_shape
+        pad = config.kernel_size // 2
+        for c in config.channels:
+            layers += [nn.Conv2d(c_in, c, config.kernel_size, padding=pad, bias=config.bias),
+                       _ACTIVATIONS[next(act_iter)]()]
+            c_in = c
+        if config.pool != "none":
+            layers.append(nn.MaxPool2d(2) if config.pool == "max" else nn.AvgPool2d(2))
+            h, w = h // 2, w // 2
+        width = c_in * h * w
+    else:
+        width = math.prod(in_shape)
+    layers.append(nn.Flatten())
+    for hdim in config.hidden:
+        layers += [nn.Linear(width, hdim, bias=config.bias), _ACTIVATIONS[next(act_iter)]()]
+        width = hdim
+    layers.append(nn.Linear(width, out_features, bias=config.bias))
+    return nn.Sequential(*layers)
+
+
+def build_loss(config: RecipeConfig) -> nn.Module:
+    """``nn.CrossEntropyLoss`` or ``nn.MSELoss`` with the recipe's reduction."""
+    cls = nn.CrossEntropyLoss if config.loss.name == "cross_entropy" else nn.MSELoss
+    return cls(reduction=config.loss.reduction)
+
+
+def schedule_factor(config: ScheduleConfig, total_steps: int) -> Callable[[int], float]:
+    """The factor on the base learning rate before optimizer step ``t`` (0-based)."""
+
+    def factor(t: int) -> float:
+        if t < config.warmup_steps:
+            return (t + 1) / config.warmup_steps
+        t -= config.warmup_steps
+        span = max(1, total_steps - config.warmup_steps - 1)
+        frac = min(1.0, t / span)
+        if config.name == "cosine":
+            return config.min_factor + (1 - config.min_factor) * 0.5 * (1 + math.cos(math.pi * frac))
+        if config.name == "linear":
+            return 1 - (1 - config.min_factor) * frac
+        if config.name == "step":
+            return config.gamma ** (t // config.step_size)
+        if config.name == "exponential":
+            return config.gamma**t
+        return 1.0
+
+    return factor
+
+
+def build_scheduler(
+    config: RecipeConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` over the recipe's schedule."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(config.schedule, total_steps))
+
+
+# ----------------------------------------------------------------------------------- build
+@dataclass
+class Built:
+    """What :func:`build` returns; unpacks as ``model, loss_fn, optimizer, data = build(cfg)``.
+
+    Attributes:
+        model: the network, initialised from ``train.seed``.
+        loss_fn: the loss module.
+        optimizer: the optimizer over ``model``.
+        data: the train/test split.
+        scheduler: the learning-rate schedule (step it after every optimizer step).
+        total_steps: number of steps the recipe trains for.
+        create_graph: whether ``backward`` needs ``create_graph=True``.
+        config: the recipe.
+    """
+
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    data: Data
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    create_graph: bool
+    config: RecipeConfig
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.loss_fn, self.optimizer, self.data))
+
+
+def total_steps(config: RecipeConfig, n_train: int) -> int:
+    """Steps of the run: ``train.steps``, or ``train.epochs`` full batches per epoch."""
+    if config.train.epochs is not None:
+        return config.train.epochs * max(1, n_train // config.train.batch_size)
+    return config.train.steps if config.train.steps is not None else 100
+
+
+def build(config: RecipeConfig) -> Built:
+    """Build model, loss, optimizer, data and schedule of a validated recipe.
+
+    Seeds torch's global RNG with ``train.seed`` first, so the same recipe gives the same
+    initial weights, batches and optimizer draws.
+    """
+    torch.manual_seed(config.train.seed)
+    data = make_data(config.data, images=config.model.kind == "cnn")
+    model = build_model(config.model, data.in_shape, data.out_features)
+    loss_fn = build_loss(config)
+    optimizer = build_optimizer(config, model, loss_fn)
+    steps = total_steps(config, data.x_train.shape[0])
+    scheduler = build_scheduler(config, optimizer, steps)
+    return Built(
+        model=model,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        data=data,
+        scheduler=scheduler,
+        total_steps=steps,
+        create_graph=OPTIMIZERS[config.optimizer.name].create_graph,
+        config=config,
+    )

@@ -1,0 +1,406 @@
+"""The canonical layouts every layer is brought into, and their maths.
+
+Notation: a batch of ``K`` cotangents arrives at a layer's output (``K = 1``
+for the gradient, ``C`` columns of the GGN square root, ``M`` MC samples, ...),
+the batch has ``N`` samples, each sample has ``S`` rows that share the
+parameter (sequence positions, convolution output positions), ``g`` groups.
+
+* :class:`Dense` -- Linear, Conv, ConvTranspose weights:
+  :math:`\\nabla_W \\ell_{k,n} = \\sum_s R_{k,n,s}^\\top X_{n,s}` per group, with
+  ``X: [N, S, g, Di]`` (inputs or unfolded patches, fixed by the forward pass) and
+  ``R: [K, N, S, g, Do]`` (rows of the cotangent).
+* :class:`Elementwise` -- biases and norm affine parameters:
+  :math:`\\nabla \\ell_{k,n} = \\sum_s R_{k,n,s} \\odot \\hat X_{n,s}` with
+  ``R, X̂: [.., S, D]`` (``X̂`` absent for a bias).
+* :class:`Embedding` -- rows selected by integer indices.
+* :class:`Materialized` -- anything else: per-sample gradients computed directly.
+
+A :class:`Layout` is fixed by the forward pass; :meth:`Layout.bind` attaches a
+batch of cotangents and returns a :class:`Bound`, which offers the few
+reductions every quantity is made of: per-sample gradients, weighted sums of
+squares, squared norms, the total, and Kronecker factors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import UnsupportedModuleError
+
+# Materialised per-sample tensors are processed in chunks of about this many elements,
+# so that peak memory stays bounded for wide layers and many cotangent columns.
+_CHUNK_ELEMENTS = 1 << 24
+#: The largest side of a dense (non-Kronecker) curvature block we are willing to build.
+MAX_DENSE_BLOCK = 4096
+
+
+class Rule:
+    """Base class of the per-module rules (see :mod:`curvopt.rules`)."""
+
+    #: whether the rule is exact for per-sample quantities; the fallback says so too.
+    def layouts(self, module, args, kwargs, output) -> dict[str, Layout]:
+        """Map each own parameter name of ``module`` to its :class:`Layout`."""
+        raise NotImplementedError
+
+    def batch_size(self, module, args, kwargs, output) -> int:
+        return args[0].shape[0]
+
+
+@dataclass
+class Layout:
+    """Base: how one parameter's per-sample gradients are formed for one module call."""
+
+    param: torch.nn.Parameter
+    N: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.param.shape
+
+    def bind(self, cot: Tensor) -> Bound:  # cot: [K, N, *out]
+        raise NotImplementedError
+
+    def kind(self) -> tuple:
+        """Records of one parameter with equal ``kind()`` are concatenated along S."""
+        return (type(self).__name__, id(self))
+
+
+class Bound:
+    """A layout with a batch of cotangents attached."""
+
+    layout: Layout
+
+    # -- everything can be derived from the per-sample gradients ...
+    def per_sample(self) -> Tensor:  # [K, N, *shape]
+        raise NotImplementedError
+
+    # ... but the subclasses override what has a cheaper closed form.
+    def sum_sq(self, w: Tensor | None = None) -> Tensor:
+        """:math:`\\sum_{k,n} w_{kn} (\\nabla \\ell_{kn})^{\\odot 2}`, shape ``param.shape``."""
+        return _chunked_sum_sq(self.per_sample, w, self.layout.shape)
+
+    def l2(self) -> Tensor:  # [N], K == 1
+        ps = self.per_sample()[0]
+        return ps.flatten(1).pow(2).sum(1)
+
+    def total(self) -> Tensor:  # sum over n of the K == 1 per-sample gradients
+        return self.per_sample()[0].sum(0)
+
+    def dense_block(self) -> Tensor:
+        """:math:`\\sum_{k,n} \\mathrm{vec}(\\nabla\\ell_{kn}) \\mathrm{vec}(\\nabla\\ell_{kn})^\\top`."""
+        d = self.layout.param.numel()
+        if d > MAX_DENSE_BLOCK:
+            raise UnsupportedModuleError(
+                f"a dense curvature block of a parameter with {d} entries would be "
+                f"{d}x{d}; above {MAX_DENSE_BLOCK} curvopt refuses it. Ask for the "
+                "diagonal (DiagGGNExact/DiagGGNMC) for this parameter instead."
+            )
+        ps = self.per_sample().flatten(2).flatten(0, 1)
+        return ps.T @ ps
+
+    def kron_G(self) -> Tensor | None:
+        return None
+
+
+def concat(bounds: list[Bound]) -> list[Bound]:
+    """Merge bounds of one parameter that share a layout kind (weight sharing)."""
+    if len(bounds) <= 1:
+        return bounds
+    groups: dict[tuple, list[Bound]] = {}
+    for b in bounds:
+        groups.setdefault(b.layout.kind(), []).append(b)
+    out = []
+    for members in groups.values():
+        out.append(members[0].merge(members) if len(members) > 1 else members[0])
+    return out
+
+
+def _chunked_sum_sq(per_sample_fn, w, shape):
+    ps = per_sample_fn()
+    sq = ps.pow(2)
+    if w is not None:
+        sq = sq * w.reshape(*w.shape, *([1] * len(shape)))
+    return sq.sum((0, 1))
+
+
+def _chunks(total: int, per_item: int) -> int:
+    return max(1, min(total, _CHUNK_ELEMENTS // max(per_item, 1)))
+
+
+# ----------------------------------------------------------------------------------- Dense
+@dataclass
+class Dense(Layout):
+    """``X: [N, S, g, Di]``; ``rows(cot) -> [K, N, S, g, Do]``.
+
+    ``transposed`` (ConvTranspose): the gradient is :math:`X^\\top R`, of shape
+    ``[g, Di, Do]`` instead of ``[g, Do, Di]``.
+    ``expand``: the Kronecker factor A is normalised by ``N·S`` (Linear on
+    ``[N, S, D]`` inputs: the "expand" convention of Eschenhagen et al. 2023)
+    instead of ``N`` (convolutions, as BackPACK and Grosse & Martens 2016).
+    """
+
+    X: Tensor = None
+    rows: Callable[[Tensor], Tensor] = None
+    transposed: bool = False
+    expand: bool = False
+
+    def kind(self):
+        return ("dense", self.X.shape[2:], self.transposed)
+
+    def bind(self, cot):
+        return DenseBound(self, self.rows(cot), self.X)
+
+
+class DenseBound(Bound):
+    def __init__(self, layout: Dense, R: Tensor, X: Tensor):
+        self.layout, self.R, self.X = layout, R, X
+
+    def merge(self, members):
+        R = torch.cat([m.R for m in members], dim=2)
+        X = torch.cat([m.X for m in members], dim=1)
+        return DenseBound(self.layout, R, X)
+
+    def _grad_shape(self, lead):
+        return (*lead, *self.layout.shape)
+
+    def per_sample(self):
+        K, N = self.R.shape[:2]
+        return self._einsum(self.X, self.R).reshape(K, N, *self.layout.shape)
+
+    def _einsum(self, X, R):
+        if self.layout.transposed:
+            return torch.einsum("nsgi,knsgo->kngio", X, R)
+        return torch.einsum("knsgo,nsgi->kngoi", R, X)
+
+    def _per_sample_slice(self, k0, k1, n0, n1):
+        out = self._einsum(self.X[n0:n1], self.R[k0:k1, n0:n1])
+        return out.reshape(k1 - k0, n1 - n0, *self.layout.shape)
+
+    def sum_sq(self, w=None):
+        R, X = self.R, self.X
+        K, N, S = R.shape[:3]
+        if S == 1:
+            # (Σ_k w R²)ᵀ X² : no per-sample tensor needed
+            R2 = R[:, :, 0].pow(2)  # [K, N, g, Do]
+            R2 = (R2 * w[:, :, None, None]).sum(0) if w is not None else R2.sum(0)
+            X2 = X[:, 0].pow(2)  # [N, g, Di]
+            if self.layout.transposed:
+                return torch.einsum("ngi,ngo->gio", X2, R2).reshape(self.layout.shape)
+            return torch.einsum("ngo,ngi->goi", R2, X2).reshape(self.layout.shape)
+        per = self.layout.param.numel()
+        out = torch.zeros(self.layout.shape, dtype=R.dtype, device=R.device)
+        step = _chunks(N, per)
+        for k in range(K):
+            for n0 in range(0, N, step):
+                n1 = min(N, n0 + step)
+                g = self._per_sample_slice(k, k + 1, n0, n1)[0].pow(2)
+                if w is not None:
+                    g = g * w[k, n0:n1].reshape(-1, *([1] * len(self.layout.shape)))
+                out += g.sum(0)
+        return out
+
+    def l2(self):
+        R, X = self.R[0], self.X  # [N, S, g, Do], [N, S, g, Di]
+        N, S, g, Do = R.shape
+        Di = X.shape[-1]
+        if S == 1:
+            return (R[:, 0].pow(2).sum(-1) * X[:, 0].pow(2).sum(-1)).sum(-1)
+        if S * S * (Do + Di) < S * Do * Di:
+            # Gram identity ‖Rᵀ X‖²_F = ⟨R Rᵀ, X Xᵀ⟩ : cheaper when S² < Do·Di/(Do+Di)
+            gr = torch.einsum("nsgo,ntgo->ngst", R, R)
+            gx = torch.einsum("nsgi,ntgi->ngst", X, X)
+            return (gr * gx).sum((1, 2, 3))
+        step = _chunks(N, self.layout.param.numel())
+        return torch.cat(
+            [
+                self._per_sample_slice(0, 1, n0, min(N, n0 + step))[0].flatten(1).pow(2).sum(1)
+                for n0 in range(0, N, step)
+            ]
+        )
+
+    def total(self):
+        if self.layout.transposed:
+            return torch.einsum("nsgi,nsgo->gio", self.X, self.R[0]).reshape(self.layout.shape)
+        return torch.einsum("nsgo,nsgi->goi", self.R[0], self.X).reshape(self.layout.shape)
+
+    def kron_A(self):
+        X = self.X
+        if X.shape[2] != 1:
+            raise UnsupportedModuleError(
+                "Kronecker factors of a grouped convolution (groups > 1) are not "
+                "block-Kronecker with one input factor; use DiagGGNExact/DiagGGNMC for it."
+            )
+        N, S = X.shape[:2]
+        X = X[:, :, 0].flatten(0, 1)
+        return X.T @ X / (N * S if self.layout.expand else N)
+
+    def kron_G(self):
+        R = self.R
+        if R.shape[3] != 1:
+            raise UnsupportedModuleError(
+                "Kronecker factors of a grouped convolution (groups > 1) are not "
+                "block-Kronecker with one input factor; use DiagGGNExact/DiagGGNMC for it."
+            )
+        R = R[:, :, :, 0].flatten(0, 2)
+        return R.T @ R
+
+    def dense_block(self):
+        return Bound.dense_block(self)
+
+
+# ------------------------------------------------------------------------------ Elementwise
+@dataclass
+class Elementwise(Layout):
+    """``rows(cot) -> [K, N, S, D]``; ``Xhat: [N, S, D]`` or ``None`` (a bias)."""
+
+    Xhat: Tensor | None = None
+    rows: Callable[[Tensor], Tensor] = None
+
+    def kind(self):
+        return ("elementwise", self.Xhat is None)
+
+    def bind(self, cot):
+        return ElementwiseBound(self, self.rows(cot), self.Xhat)
+
+
+class ElementwiseBound(Bound):
+    def __init__(self, layout, R, Xhat):
+        self.layout, self.R, self.Xhat = layout, R, Xhat
+
+    def merge(self, members):
+        R = torch.cat([m.R for m in members], dim=2)
+        X = None if self.Xhat is None else torch.cat([m.Xhat for m in members], dim=1)
+        return ElementwiseBound(self.layout, R, X)
+
+    def per_sample(self):
+        R = self.R
+        g = R.sum(2) if self.Xhat is None else torch.einsum("knsd,nsd->knd", R, self.Xhat)
+        return g.reshape(*R.shape[:2], *self.layout.shape)
+
+    def kron_G(self):
+        # A bias has the Kronecker factor G of its layer alone (BackPACK: ``[G]``).
+        if self.Xhat is not None:
+            return None
+        R = self.R.flatten(0, 2)
+        return R.T @ R
+
+
+# -------------------------------------------------------------------------------- Embedding
+@dataclass
+class Embedding(Layout):
+    """``indices: [N, S]`` into ``num`` rows; ``rows(cot) -> [K, N, S, dim]``."""
+
+    indices: Tensor = None
+    rows: Callable[[Tensor], Tensor] = None
+    padding_idx: int | None = None
+
+    def kind(self):
+        return ("embedding",)
+
+    def bind(self, cot):
+        return EmbeddingBound(self, self.rows(cot), self.indices)
+
+
+class EmbeddingBound(Bound):
+    def __init__(self, layout, R, indices):
+        self.layout, self.R, self.indices = layout, R, indices
+
+    def merge(self, members):
+        R = torch.cat([m.R for m in members], dim=2)
+        idx = torch.cat([m.indices for m in members], dim=1)
+        return EmbeddingBound(self.layout, R, idx)
+
+    def kron_A(self):
+        """Row-usage factor ``diag(counts)/(N·S)`` over the ``num`` rows (the "input" side)."""
+        num = self.layout.param.shape[0]
+        if num > MAX_DENSE_BLOCK:
+            raise UnsupportedModuleError(
+                f"the Kronecker factor A of an Embedding with {num} rows would be "
+                f"{num}x{num}; above {MAX_DENSE_BLOCK} curvopt refuses it. Use the diagonal GGN."
+            )
+        idx = self.indices.flatten()
+        counts = torch.zeros(num, dtype=self.R.dtype, device=idx.device)
+        counts.index_add_(0, idx, torch.ones_like(idx, dtype=counts.dtype))
+        if self.layout.padding_idx is not None:
+            counts[self.layout.padding_idx] = 0
+        return torch.diag(counts) / idx.numel()
+
+    def kron_G(self):
+        R = self.R
+        if self.layout.padding_idx is not None:
+            R = R * (self.indices != self.layout.padding_idx).to(R.dtype)[None, :, :, None]
+        R = R.flatten(0, 2)
+        return R.T @ R
+
+    def _coalesced(self):
+        """Per (k, n, row) summed gradient rows: keys ``b·num + row``, values ``[U, dim]``."""
+        K, N, S, dim = self.R.shape
+        num = self.layout.param.shape[0]
+        idx = self.indices.unsqueeze(0).expand(K, N, S)
+        b = torch.arange(K * N, device=idx.device).reshape(K, N, 1).expand(K, N, S)
+        keys = (b * num + idx).flatten()
+        vals = self.R.reshape(-1, dim)
+        if self.layout.padding_idx is not None:
+            keep = idx.flatten() != self.layout.padding_idx
+            keys, vals = keys[keep], vals[keep]
+        uniq, inv = torch.unique(keys, return_inverse=True)
+        summed = torch.zeros(len(uniq), dim, dtype=vals.dtype, device=vals.device)
+        summed.index_add_(0, inv, vals)
+        return uniq // num, uniq % num, summed
+
+    def per_sample(self):
+        K, N = self.R.shape[:2]
+        b, row, summed = self._coalesced()
+        out = torch.zeros(K * N, *self.layout.shape, dtype=summed.dtype, device=summed.device)
+        out[b, row] = summed
+        return out.reshape(K, N, *self.layout.shape)
+
+    def sum_sq(self, w=None):
+        b, row, summed = self._coalesced()
+        sq = summed.pow(2)
+        if w is not None:
+            sq = sq * w.flatten()[b, None]
+        out = torch.zeros(self.layout.shape, dtype=sq.dtype, device=sq.device)
+        return out.index_add_(0, row, sq)
+
+    def l2(self):
+        N = self.R.shape[1]
+        b, _, summed = self._coalesced()
+        out = torch.zeros(N, dtype=summed.dtype, device=summed.device)
+        return out.index_add_(0, b % N if self.R.shape[0] > 1 else b, summed.pow(2).sum(1))
+
+    def total(self):
+        _, row, summed = self._coalesced()
+        out = torch.zeros(self.layout.shape, dtype=summed.dtype, device=summed.device)
+        return out.index_add_(0, row, summed)
+
+
+# ----------------------------------------------------------------------------- Materialized
+@dataclass
+class Materialized(Layout):
+    """Anything else: ``fn(cot) -> [K, N, *shape]`` per-sample gradients."""
+
+    fn: Callable[[Tensor], Tensor] = None
+
+    def bind(self, cot):
+        return MaterializedBound(self, self.fn(cot))
+
+
+class MaterializedBound(Bound):
+    def __init__(self, layout, G):
+        self.layout, self.G = layout, G
+
+    def merge(self, members):  # pragma: no cover - kinds are unique per layout object
+        return MaterializedBound(self.layout, sum(m.G for m in members))
+
+    def per_sample(self):
+        return self.G
+
+
+def numel(shape) -> int:
+    return math.prod(shape)
