@@ -95,11 +95,11 @@ def _onehot_columns(o: Tensor) -> Tensor:
 
 def sqrt_hessian(loss_fn, o: Tensor, y: Tensor) -> Tensor:
     """Exact square root columns ``[K, *o.shape]`` with :math:`\\sum_k s_k s_k^\\top = f H`."""
-    o = o.detach()
     if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
         p, omega = _categorical_setup(loss_fn, o, y)
         C = p.shape[1]
         sp = p.sqrt()
+        o = o.detach()
         # S = diag(√p) − p √pᵀ, column c: √p_c (e_c − p)   (S Sᵀ = diag p − p pᵀ)
         eye = torch.eye(C, dtype=p.dtype, device=p.device).reshape(C, 1, C, *([1] * (p.dim() - 2)))
         cols = sp.transpose(0, 1).unsqueeze(2) * (eye - p.unsqueeze(0))
@@ -112,6 +112,7 @@ def sqrt_hessian(loss_fn, o: Tensor, y: Tensor) -> Tensor:
         cols = cols.reshape(C, 1, *p.shape[:2], P)
         pos = torch.eye(P, dtype=p.dtype, device=p.device).reshape(1, P, 1, 1, P)
         return (cols * pos).reshape(C * P, *p.shape)
+    o = o.detach()
     if isinstance(loss_fn, nn.MSELoss):
         f = 1.0 / o.numel() if loss_fn.reduction == "mean" else 1.0
         return _onehot_columns(o) * (2.0 * f) ** 0.5
@@ -135,7 +136,6 @@ def mc_sqrt_hessian(loss_fn, o: Tensor, y: Tensor, mc_samples: int) -> Tensor:
     :math:`\\tilde y_m` drawn from the likelihood the loss is the negative log of.
     Draws use torch's global RNG.
     """
-    o = o.detach()
     M = mc_samples
     if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
         p, omega = _categorical_setup(loss_fn, o, y)
@@ -145,6 +145,7 @@ def mc_sqrt_hessian(loss_fn, o: Tensor, y: Tensor, mc_samples: int) -> Tensor:
         onehot = torch.nn.functional.one_hot(draws.T, C).to(p.dtype)  # [M, N·d, C]
         onehot = onehot.reshape(M, *p.movedim(1, -1).shape).movedim(-1, 2)
         return (p.unsqueeze(0) - onehot) * (omega / M).sqrt().unsqueeze(0).unsqueeze(2)
+    o = o.detach()
     if isinstance(loss_fn, nn.MSELoss):
         f = 1.0 / o.numel() if loss_fn.reduction == "mean" else 1.0
         # ỹ ~ N(o, 1/2): ∇(o−ỹ)² = 2(o−ỹ) = −√2 ε, whose covariance is 2I = ∇²(o−y)².

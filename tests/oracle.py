@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # --------------------------------------------------------------------------- parameters
 
@@ -130,7 +131,9 @@ def _jacobian(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 def _hessian(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """Dense Hessian ``[x.numel(), x.numel()]`` of a scalar ``fn`` (double backward, loop)."""
     xr = x.detach().clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(fn(xr), xr, create_graph=True)
+    # the fused CPU attention kernels have no double backward: use the math one
+    with sdpa_kernel(SDPBackend.MATH):
+        (g,) = torch.autograd.grad(fn(xr), xr, create_graph=True)
     g = g.reshape(-1)
     rows = []
     for i in range(g.numel()):
@@ -431,7 +434,7 @@ def unfold_conv_transpose(module: nn.modules.conv._ConvTransposeNd, x: Tensor) -
     conv_t = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[d]
     U = conv_t(
         x,
-        _onehot_kernel(C, module.kernel_size, x.dtype),
+        _onehot_kernel(C, module.kernel_size, x.dtype).reshape(C, -1, *module.kernel_size),
         stride=module.stride,
         padding=module.padding,
         output_padding=module.output_padding,

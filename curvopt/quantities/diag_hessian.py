@@ -1,10 +1,231 @@
-"""DiagHessian residuals placeholder."""
+"""DiagHessian: the GGN diagonal plus the residual terms of smooth elementwise operations.
+
+For a scalar loss, the Hessian with respect to a layer's parameters is
+
+.. math:: \\nabla^2_\\theta \\mathcal L = J^\\top (fH) J
+          + \\sum_m J_m^\\top \\operatorname{diag}(r_m) J_m,
+          \\qquad r_m = \\phi_m''(a_m) \\odot \\frac{\\partial\\mathcal L}{\\partial \\phi_m(a_m)},
+
+where ``m`` runs over the smooth elementwise operations :math:`\\phi_m` above
+the layer (sigmoid, tanh, GELU, ...) and :math:`J_m = \\partial a_m / \\partial\\theta`.
+Piecewise-linear operations (ReLU, max pooling) and linear ones have no residual.
+
+The operations are found in the autograd graph itself (so functional calls
+such as ``torch.tanh`` count as much as ``nn.Tanh``), their inputs are read
+from the graph's saved tensors, and for each one the per-sample unit vectors
+:math:`e_k` at :math:`a_m` travel back through autograd to the layer outputs
+below. The diagonal contribution is then
+:math:`\\sum_{k,n} r_{m,nk} (\\nabla_\\theta a_{m,nk})^{\\odot 2}`, a weighted
+sum of squares that the layouts compute (without per-sample tensors for
+one-row-per-sample layers).
+
+Operations whose curvature is not elementwise (softmax inside the network,
+products of two activations as in attention, LayerNorm/GroupNorm applied to
+the output of a parameterized layer) make the Hessian diagonal not
+decomposable this way: they raise a clear error when a parameterized layer
+lies below them.
+"""
+
+from __future__ import annotations
+
 import torch
+import torch.nn.functional as F
+from torch.autograd.graph import GradientEdge
+
+from ..errors import UnsupportedModuleError
+from .second_order import diagonal
+
+#: Residual columns are one backward pass per element of a sample's activation.
+MAX_RESIDUAL_ELEMENTS = 8192
+
+
+def _sig2(s):  # σ'' expressed through σ
+    return s * (1 - s) * (1 - 2 * s)
+
+
+def _elu(node, x):  # EluBackward0 saves the input, EluBackward1 (in-place) the output
+    alpha, scale, iscale = node._saved_alpha, node._saved_scale, node._saved_input_scale
+    if type(node).__name__ == "EluBackward1":  # x is the output y; y < 0 iff input < 0
+        return torch.where(x < 0, iscale**2 * (x + scale * alpha), torch.zeros_like(x))
+    return torch.where(x < 0, scale * alpha * iscale**2 * torch.exp(x * iscale), torch.zeros_like(x))
+
+
+def _gelu(node, x):
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        y = F.gelu(x, approximate=node._saved_approximate)
+        (d1,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        (d2,) = torch.autograd.grad(d1.sum(), x)
+    return d2
+
+
+def _softplus(node, x):
+    b, t = node._saved_beta, node._saved_threshold
+    s = torch.sigmoid(b * x)
+    return torch.where(b * x > t, torch.zeros_like(x), b * s * (1 - s))
+
+
+def _silu(node, x):
+    s = torch.sigmoid(x)
+    return s * (1 - s) * (2 + x * (1 - 2 * s))
+
+
+def _pow(node, x):
+    e = node._saved_exponent
+    return e * (e - 1) * x ** (e - 2)
+
+
+#: node name -> (saved tensor attribute, φ'' from it)
+SMOOTH = {
+    "SigmoidBackward0": ("_saved_result", lambda n, s: _sig2(s)),
+    "TanhBackward0": ("_saved_result", lambda n, t: -2 * t * (1 - t * t)),
+    "EluBackward0": ("_saved_self", _elu),
+    "EluBackward1": ("_saved_result", _elu),
+    "GeluBackward0": ("_saved_self", _gelu),
+    "SoftplusBackward0": ("_saved_self", _softplus),
+    "SiluBackward0": ("_saved_self", _silu),
+    "LogSigmoidBackward0": ("_saved_self", lambda n, x: -torch.sigmoid(x) * torch.sigmoid(-x)),
+    "ExpBackward0": ("_saved_result", lambda n, y: y),
+    "LogBackward0": ("_saved_self", lambda n, x: -1 / (x * x)),
+    "PowBackward0": ("_saved_self", _pow),
+}
+
+#: Linear or piecewise-linear in every input that carries a gradient.
+LINEAR = {
+    "AddmmBackward0", "MmBackward0", "MvBackward0", "BmmBackward0", "AddBackward0",
+    "SubBackward0", "NegBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
+    "TBackward0", "PermuteBackward0", "TransposeBackward0", "TransposeBackward1",
+    "ExpandBackward0", "CatBackward0", "StackBackward0", "SplitBackward0",
+    "SplitWithSizesBackward0", "SliceBackward0", "SelectBackward0", "IndexBackward0",
+    "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward4",
+    "UnsqueezeBackward0", "CloneBackward0", "ConvolutionBackward0", "ReluBackward0",
+    "LeakyReluBackward0", "HardtanhBackward0", "ThresholdBackward0", "ConstantPadNdBackward0",
+    "ReflectionPad1DBackward0", "ReflectionPad2DBackward0", "ReflectionPad3DBackward0",
+    "ReplicationPad1DBackward0", "ReplicationPad2DBackward0", "ReplicationPad3DBackward0",
+    "MeanBackward0", "MeanBackward1", "SumBackward0", "SumBackward1", "NativeDropoutBackward0",
+    "MaxPool1DWithIndicesBackward0", "MaxPool2DWithIndicesBackward0",
+    "MaxPool3DWithIndicesBackward0", "AvgPool2DBackward0", "AvgPool3DBackward0",
+    "AdaptiveAvgPool2DBackward0", "AdaptiveAvgPool3DBackward0", "AdaptiveMaxPool2DBackward0",
+    "AdaptiveMaxPool3DBackward0", "EmbeddingBackward0", "AccumulateGrad", "MulBackward0",
+    "MulBackward1", "DivBackward0", "DivBackward1", "AliasBackward0", "AsStridedBackward0",
+    "NativeBatchNormBackward0", "CudnnBatchNormBackward0", "RepeatBackward0",
+    "FlipBackward0", "RollBackward0", "IndexSelectBackward0", "GatherBackward0",
+    "PixelShuffleBackward0", "UpsampleNearest2DBackward0", "CopySlices", "ToCopyBackward0",
+    "ViewAsRealBackward0", "MaxBackward0", "MaxBackward1", "MinBackward1", "AmaxBackward0",
+    "ConvolutionBackwardBackward0", "LinearBackward0",
+}
+#: nodes that are bilinear: nonlinear (and non-elementwise) when two inputs carry a gradient
+BILINEAR = {"MulBackward0", "DivBackward0", "BmmBackward0", "MmBackward0", "MvBackward0"}
+
+
+def _nonleaf_inputs(node):
+    return [nf for nf, _ in node.next_functions
+            if nf is not None and type(nf).__name__ != "AccumulateGrad"]
+
+
+def find_smooth(root, layer_nodes, skip=()):
+    """Walk the graph from ``root``; return smooth nodes with a layer below them.
+
+    Raises for a non-decomposable node (unknown, or bilinear in two activations)
+    that has a parameterized layer below it.
+    """
+    below: dict = {}
+
+    def has_layer_below(node):  # memoised DFS, iterative to survive deep graphs
+        stack = [(node, False)]
+        while stack:
+            n, expanded = stack.pop()
+            if n in below:
+                continue
+            kids = [nf for nf, _ in n.next_functions if nf is not None]
+            if expanded:
+                below[n] = any(k in layer_nodes or below.get(k, False) for k in kids)
+                continue
+            stack.append((n, True))
+            stack.extend((k, False) for k in kids if k not in below)
+        return below[node]
+
+    smooth, seen, stack = [], set(), [root]
+    while stack:
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        name = type(n).__name__
+        stack.extend(nf for nf, _ in n.next_functions)
+        if n in skip:
+            continue
+        kids = [nf for nf, _ in n.next_functions if nf is not None]
+        if not kids or not has_layer_below(n):
+            continue
+        if name in SMOOTH:
+            smooth.append(n)
+        elif name in BILINEAR and len(_nonleaf_inputs(n)) >= 2:
+            raise UnsupportedModuleError(
+                f"DiagHessian: the graph multiplies two activations ({name}, e.g. attention's "
+                "q·k or a gating product) above a parameterized layer; its curvature does not "
+                "decompose into elementwise terms. Use DiagGGNExact, or stop the gradient there."
+            )
+        elif name not in LINEAR:
+            raise UnsupportedModuleError(
+                f"DiagHessian: operation {name} lies above a parameterized layer and its "
+                "second derivative is not known to curvopt (only linear, piecewise-linear and "
+                f"smooth elementwise operations are: {', '.join(sorted(SMOOTH))}). Use "
+                "DiagGGNExact, or open an issue for this operation."
+            )
+    return smooth
 
 
 def propagate(col, lrec, recs, g_out):
-    return None
+    """Residual columns ``rec.columns['res<i>']`` and weights ``'res<i>:w'``."""
+    o = lrec.input
+    if o.grad_fn is None:
+        return
+    layer_nodes = {r.edge.node for r in recs}
+    skip = {o.grad_fn} if type(o.grad_fn).__name__ == "LogSoftmaxBackward0" else set()
+    nodes = find_smooth(o.grad_fn, layer_nodes, skip)
+    if not nodes:
+        return
+    # Gradient arriving at each smooth node's output, in one nested pass.
+    outs = torch.autograd.grad(
+        o, [GradientEdge(n, 0) for n in nodes], g_out, retain_graph=True, allow_unused=True
+    )
+    edges = [r.edge for r in recs]
+    for i, (node, gb) in enumerate(zip(nodes, outs)):
+        if gb is None:
+            continue
+        attr, d2 = SMOOTH[type(node).__name__]
+        r_m = d2(node, getattr(node, attr).detach()) * gb  # [N, *a]
+        N = r_m.shape[0]
+        D = r_m[0].numel()
+        if D > MAX_RESIDUAL_ELEMENTS:
+            raise UnsupportedModuleError(
+                f"DiagHessian: the smooth activation {type(node).__name__} has {D} elements per "
+                f"sample; its exact residual needs {D} backward passes (limit "
+                f"{MAX_RESIDUAL_ELEMENTS}). Use DiagGGNExact, or a piecewise-linear activation."
+            )
+        src = GradientEdge(*node.next_functions[0])
+        eye = torch.eye(D, dtype=r_m.dtype, device=r_m.device)
+        per_rec = [[] for _ in recs]
+        for k in range(D):
+            e_k = eye[k].reshape(r_m.shape[1:]).expand_as(r_m)
+            gs = torch.autograd.grad(src, edges, e_k, retain_graph=True, allow_unused=True)
+            for lst, gi in zip(per_rec, gs):
+                lst.append(gi)
+        w = r_m.reshape(N, D).T.contiguous()  # [D, N]
+        for r, lst in zip(recs, per_rec):
+            if all(x is None for x in lst):
+                continue
+            r.columns[f"res{i}"] = torch.stack(
+                [torch.zeros_like(r.output) if x is None else x for x in lst]
+            )
+            r.columns[f"res{i}:w"] = w
 
 
 def residual_diagonal(items):
-    return torch.zeros_like(items[0][1].param)
+    p = items[0][1].param
+    out = torch.zeros_like(p)
+    kinds = {k for r, _ in items for k in r.columns if k.startswith("res") and ":" not in k}
+    for kind in sorted(kinds):
+        out = out + diagonal(items, kind, weights=True)
+    return out
