@@ -9,6 +9,7 @@ Kronecker-Factored Approximations" for KL clipping; Botev, Ritter & Barber
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -354,4 +355,4 @@ class KFACOptimizer(CurvatureOptimizer):
     def _load_extra_state(self, extra: dict) -> None:
         self._needs_diag = bool(extra.get("needs_diag", False))
         if self.base_optimizer is not None and "base_optimizer" in extra:
-            self.base_optimizer.load_state_dict(extra["base_optimizer"])
+            self.base_optimizer.load_state_dict(copy.deepcopy(extra["base_optimizer"]))

@@ -1,9 +1,84 @@
-"""KFRA placeholder (filled in below)."""
+"""KFRA (Botev, Ritter & Barber 2017): a batch-averaged output Hessian passed back layer by layer.
+
+.. math:: \\bar H_{\\text{top}} = f\\sum_n H_n,\\qquad
+          \\bar H_{L} = \\tfrac1N \\sum_n J_{n}^\\top \\bar H_{L+1} J_{n},
+          \\quad J_n = \\partial z_{L+1,n} / \\partial z_{L,n}
+
+``G`` of layer ``L`` is :math:`\\bar H_L` at its output (summed over positions
+for convolutions and sequences), ``A`` is KFAC's.  Each step factorises
+:math:`\\bar H = Q\\Lambda Q^\\top` (float64), broadcasts the columns of
+:math:`Q\\Lambda^{1/2}` to every sample and sends them back through autograd
+from one layer output to the next: no per-module backward code, so any
+activation, pooling or padding between the layers works.
+
+The recursion is defined when the layers form a chain: the loss depends on
+each layer's output only through the next layer's output.  That is verified
+numerically (the gradient passed back through the segment must equal the
+gradient autograd delivers); residual connections and branches fail the
+check with a clear error.  :math:`\\bar H` is a dense ``[D, D]`` matrix over
+a sample's output elements, refused above :data:`MAX_KFRA_DIM`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import losses
+from ..errors import UnsupportedModuleError
+from .second_order import kronecker
+
+MAX_KFRA_DIM = 8192
+
+
+def _sqrt_psd(H: torch.Tensor) -> torch.Tensor:
+    """Columns ``L: [D, r]`` with ``L Lᵀ = H`` (H symmetric PSD), computed in float64."""
+    Hd = H.double()
+    Hd = (Hd + Hd.T) / 2
+    lam, Q = torch.linalg.eigh(Hd)
+    keep = lam > lam.abs().max().clamp_min(1e-300) * H.shape[0] * torch.finfo(H.dtype).eps
+    return (Q[:, keep] * lam[keep].sqrt()).to(H.dtype)
 
 
 def propagate(col, lrec, recs, g_out):
-    raise NotImplementedError
+    o = lrec.input
+    N = o.shape[0]
+    if len({id(r.module) for r in recs}) != len(recs):
+        raise UnsupportedModuleError(
+            "KFRA: a layer is applied more than once in the forward pass; its recursion "
+            "(one output Hessian per layer) is not defined. Use KFLR or KFAC."
+        )
+    edges = [r.edge for r in recs]
+    true = torch.autograd.grad(o, edges, g_out, retain_graph=True, allow_unused=True)
+    H = losses.mean_hessian(col.loss_fn, o, lrec.target)
+    src, src_grad, src_name = o, g_out, "the loss input"
+    for r, g_true in zip(reversed(recs), reversed(true)):
+        if g_true is None:
+            continue
+        D = r.output[0].numel()
+        if D > MAX_KFRA_DIM:
+            raise UnsupportedModuleError(
+                f"KFRA: the output of layer '{r.name}' has {D} elements per sample; KFRA's "
+                f"dense {D}x{D} output Hessian exceeds the limit ({MAX_KFRA_DIM}). Use KFLR "
+                "or KFAC for this network."
+            )
+        (g_pass,) = torch.autograd.grad(src, r.edge, src_grad, retain_graph=True)
+        if not torch.allclose(g_pass, g_true, rtol=1e-5, atol=1e-8 * g_true.abs().max().item()):
+            raise UnsupportedModuleError(
+                f"KFRA: the loss depends on the output of layer '{r.name}' through paths that "
+                f"avoid {src_name} (a residual connection or a branch), so KFRA's layer-by-"
+                "layer recursion is not defined on this graph. Use KFLR or KFAC."
+            )
+        L = _sqrt_psd(H)  # [D_src, r]
+        shape = (src.shape if torch.is_tensor(src) else src_shape)[1:]
+        cols = L.T.reshape(-1, 1, *shape).expand(-1, N, *shape)
+        V = torch.stack(
+            [torch.autograd.grad(src, r.edge, c, retain_graph=True)[0] for c in cols]
+        )  # [r, N, *out]
+        r.columns["kfra"] = V / N**0.5
+        Vf = V.reshape(V.shape[0], N, -1)
+        H = torch.einsum("jnd,jne->de", Vf, Vf) / N
+        src, src_grad, src_name, src_shape = r.edge, g_true, f"layer '{r.name}'", r.output.shape
 
 
 def factors(items):
-    raise NotImplementedError
+    return kronecker(items, "kfra")

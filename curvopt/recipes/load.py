@@ -24,7 +24,9 @@ def read_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The raw table of a recipe file, with its ``extends`` chain merged in (the file wins).
 
     ``extends = "other.toml"`` names a recipe (relative to this file) whose tables this one
-    starts from; keys are merged table by table.
+    starts from; keys are merged table by table, except that a table naming another variant
+    (``[optimizer] name = "adam"`` over a base's ``"sgd"``) replaces the base's table whole,
+    since the base's options belong to the base's variant.
     """
     path = Path(path).resolve()
     if path in _seen:
@@ -42,7 +44,14 @@ def read_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return raw
     if not isinstance(base, str):
         raise RecipeError(f"extends: expected a file name (string), got {base!r}")
-    return _merge(read_toml(path.parent / base, (*_seen, path)), raw)
+    merged = read_toml(path.parent / base, (*_seen, path))
+    for key, value in raw.items():
+        old = merged.get(key)
+        if (isinstance(value, Mapping) and isinstance(old, Mapping)
+                and value.get("name", old.get("name")) == old.get("name")):
+            value = _merge(old, value)
+        merged[key] = value
+    return merged
 
 
 def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,20 @@ def _evaluate(built: Built) -> dict[str, float | None]:
     return {"test_loss": loss, "test_acc": acc}
 
 
+def _step(built: Built, tracker: _Tracker, step: int, x: torch.Tensor,
+          y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step; returns the model's output and the loss."""
+    built.optimizer.zero_grad(set_to_none=True)
+    with tracker.backward(step), warnings.catch_warnings():
+        # create_graph=True (Adahessian) warns of the cycle that zero_grad(set_to_none) breaks
+        warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+        out = built.model(x)
+        loss = built.loss_fn(out, y)
+        loss.backward(create_graph=built.create_graph)
+    built.optimizer.step()
+    return out, loss
+
+
 def _progress_bar(total: int, desc: str, progress: bool | None) -> Any:
     from tqdm.auto import tqdm
 
@@ -158,12 +173,7 @@ def train(config: RecipeConfig, progress: bool | None = None, echo: Echo | None 
         for step in range(1, total + 1):
             _, x, y = next(batches)
             t0 = time.perf_counter()
-            optimizer.zero_grad()
-            with tracker.backward(step):
-                out = model(x)
-                loss = loss_fn(out, y)
-                loss.backward(create_graph=built.create_graph)
-            optimizer.step()
+            out, loss = _step(built, tracker, step, x, y)
             step_time = time.perf_counter() - t0
             lr = optimizer.param_groups[0]["lr"]
             built.scheduler.step()
@@ -196,13 +206,15 @@ def train(config: RecipeConfig, progress: bool | None = None, echo: Echo | None 
                 break
     finally:
         bar.close()
+        if built.create_graph:  # break the parameter <-> grad reference cycle
+            optimizer.zero_grad(set_to_none=True)
     wall = time.perf_counter() - started
-    warnings = [
+    notes = [
         f"optimizer {config.optimizer.name!r} did not expose tracked quantity {n!r}"
         for n in sorted(tracker.missing)
     ]
     summary = summarize_run(config, records, wall, diverged)
-    return RunResult(config, records, summary, warnings, built)
+    return RunResult(config, records, summary, notes, built)
 
 
 # ------------------------------------------------------------------------------- summary

@@ -1,0 +1,139 @@
+"""DiagGGNAdam: Adam with the GGN diagonal as its second moment (optionally Sophia-clipped)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..extensions import DiagGGNExact, DiagGGNMC, Extension
+from . import functional as F
+from ._base import CurvatureOptimizer
+
+__all__ = ["DiagGGNAdam"]
+
+
+class DiagGGNAdam(CurvatureOptimizer):
+    """Adam whose second moment is a running average of the diagonal GGN.
+
+    .. math::
+        m_t &= \\beta_1 m_{t-1} + (1-\\beta_1) g_t, \\qquad \\hat m_t = m_t / (1-\\beta_1^t)\\\\
+        h_k &= \\beta_2 h_{k-1} + (1-\\beta_2)\\operatorname{diag}(\\mathrm{GGN}),
+              \\qquad \\bar h_k = h_k/(1-\\beta_2^k)
+              \\qquad \\text{(every } T \\text{ steps; } k \\text{ refreshes so far)}\\\\
+        \\theta &\\leftarrow (1-\\eta\\omega)\\,\\theta - \\eta\\, \\hat m_t \\oslash (\\bar h_k + \\lambda)^{p}
+
+    ``power`` :math:`p = 1/2` is Adam's square root (Adam with
+    :math:`g^2` replaced by the GGN diagonal, the damping inside the root);
+    :math:`p = 1` is a damped diagonal Gauss-Newton step with momentum.  The
+    default :math:`p = 1` was chosen by measurement (see
+    ``tests/optim/test_convergence.py`` and ``benchmarks/optimizers.py``): on
+    the logistic-regression and MLP problems it reached the target loss in fewer
+    steps than :math:`p = 1/2` at tuned learning rates, as a Newton-type step
+    should, since it is invariant to a per-coordinate rescaling of the
+    parameters.  With ``clip`` :math:`= \\gamma` the step is clipped as in Sophia
+    (Liu et al. 2023): :math:`\\operatorname{clip}(\\hat m_t \\oslash \\max(\\gamma(\\bar h_k+\\lambda)^p, \\epsilon), 1)`,
+    which bounds every coordinate's move by :math:`\\eta` where the curvature
+    is small or negative-looking.  See :func:`curvopt.optim.functional.diag_ggn_adam`.
+
+    Args:
+        model, loss_fn: the model and the loss module of the training loop.
+        lr: :math:`\\eta` (per group).
+        betas: :math:`(\\beta_1, \\beta_2)` (per group).
+        damping: :math:`\\lambda \\ge 0` (per group; must be positive unless ``clip`` is set).
+        params: parameters or parameter groups.
+        curvature: ``"exact"`` (``DiagGGNExact``) or ``"mc"`` (``DiagGGNMC``).
+        mc_samples: MC samples for ``curvature="mc"``.
+        curvature_update_freq: :math:`T`; the GGN diagonal is computed only on
+            steps :math:`1, 1+T, 1+2T, \\dots` (other steps are plain backward passes).
+        power: :math:`p` (per group).
+        clip: Sophia's :math:`\\gamma`, or ``None`` (per group).
+        clip_eps: Sophia's :math:`\\epsilon` (per group).
+        weight_decay: :math:`\\omega`, decoupled (per group).
+        track, seed: see :class:`~curvopt.optim._base.CurvatureOptimizer`.
+
+    State per parameter: ``step``, ``exp_avg``, ``exp_avg_curv``,
+    ``curv_step``, and the raw ``diag_ggn_exact``/``diag_ggn_mc`` of the last refresh.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        damping: float = 1e-4,
+        *,
+        params=None,
+        curvature: str = "exact",
+        mc_samples: int = 1,
+        curvature_update_freq: int = 1,
+        power: float = 1.0,
+        clip: float | None = None,
+        clip_eps: float = 1e-12,
+        weight_decay: float = 0.0,
+        track: Any = (),
+        seed: int | None = None,
+    ):
+        if curvature not in ("exact", "mc"):
+            raise ValueError(f"curvature must be 'exact' or 'mc', got {curvature!r}")
+        if int(curvature_update_freq) != curvature_update_freq or curvature_update_freq < 1:
+            raise ValueError(f"curvature_update_freq must be a positive integer, got {curvature_update_freq}")
+        if int(mc_samples) < 1:
+            raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+        if lr < 0:
+            raise ValueError(f"lr must be non-negative, got {lr}")
+        for b in betas:
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        if damping < 0 or (damping == 0 and clip is None):
+            raise ValueError(f"damping must be positive (or >= 0 with clip), got {damping}")
+        if power <= 0:
+            raise ValueError(f"power must be positive, got {power}")
+        self.curvature = curvature
+        self.mc_samples = int(mc_samples)
+        self.curvature_update_freq = int(curvature_update_freq)
+        defaults = dict(lr=lr, betas=tuple(betas), damping=damping, power=power, clip=clip,
+                        clip_eps=clip_eps, weight_decay=weight_decay)
+        super().__init__(model, loss_fn, defaults, params=params, track=track, seed=seed)
+
+    def _extension(self) -> Extension:
+        return DiagGGNExact() if self.curvature == "exact" else DiagGGNMC(mc_samples=self.mc_samples)
+
+    def _curvature_due(self, step: int) -> bool:
+        return (step - 1) % self.curvature_update_freq == 0
+
+    def _extensions_for_step(self, step):
+        return (self._extension(),) if self._curvature_due(step) else ()
+
+    def _update(self, step, stats, loss, closure):
+        key = self._extension().savefield
+        due = self._curvature_due(step) and stats is not None
+        moved = False
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self._param_state(p)
+                curv = stats.get(p, {}).get(key) if due else None
+                if curv is None and "exp_avg_curv" not in st:
+                    continue  # no curvature yet for this parameter
+                inner = {"step": int(st["step"].item()), "curv_step": st.get("curv_step", 0),
+                         "exp_avg": st.get("exp_avg"), "exp_avg_curv": st.get("exp_avg_curv")}
+                d, new = F.diag_ggn_adam(
+                    p.grad, curv, inner, beta1=beta1, beta2=beta2, damping=group["damping"],
+                    power=group["power"], clip=group["clip"], clip_eps=group["clip_eps"],
+                )
+                st["exp_avg"], st["exp_avg_curv"], st["curv_step"] = (
+                    new["exp_avg"], new["exp_avg_curv"], new["curv_step"])
+                st["step"] += 1
+                p.copy_(F.apply_update(p, d, group["lr"], group["weight_decay"]))
+                moved = True
+        if not moved and self._global_step == 0:
+            import warnings
+
+            warnings.warn("DiagGGNAdam: no curvature yet; step skipped.", RuntimeWarning, stacklevel=3)
+            return False
+        return None
