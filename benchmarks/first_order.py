@@ -41,7 +41,7 @@ ROWS = {
 
 COLUMNS = [
     D.Column("curvopt", "curvopt", peer=False, show_mem=True),
-    D.Column("torchfunc", "torch.func vmap(grad)", peer=False, show_mem=False),
+    D.Column("torchfunc", "torch.func vmap(grad)", peer=False, show_mem=True),
     D.Column("backpack", "BackPACK 1.7.1", peer=True, show_mem=True),
     D.Column("opacus", "Opacus", peer=True, show_mem=False),
 ]

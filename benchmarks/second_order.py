@@ -46,7 +46,7 @@ ROWS = {
 
 COLUMNS = [
     D.Column("curvopt", "curvopt", peer=False, show_mem=True),
-    D.Column("torchfunc", "torch.func", peer=False, show_mem=False),
+    D.Column("torchfunc", "torch.func", peer=False, show_mem=True),
     D.Column("backpack", "BackPACK 1.7.1", peer=True, show_mem=True),
 ]
 

@@ -23,8 +23,8 @@ def compute(items, wanted: set[str]) -> dict:
     N = items[0][1].N
     out = {}
     need_sgs = bool(wanted & {"sum_grad_squared", "variance"})
-    if "grad_batch" in wanted or len(bounds) > 1:
-        # One tensor serves all four (and sums uses of a weight shared across layer types).
+    if len(bounds) > 1:
+        # A weight shared across layer types: sum per-sample gradients, derive the rest.
         gb = bounds[0].per_sample()[0]
         for b in bounds[1:]:
             gb = gb + b.per_sample()[0]
@@ -34,10 +34,21 @@ def compute(items, wanted: set[str]) -> dict:
         l2 = gb.flatten(1).pow(2).sum(1) if "batch_l2" in wanted else None
         total = gb.sum(0) if "variance" in wanted else None
     else:
+        # Closed forms even next to grad_batch: squaring the [N, *p.shape] tensor again
+        # would cost more memory traffic than (G²)ᵀX² or the Gram identity.
         b = bounds[0]
-        sgs = b.sum_sq() if need_sgs else None
-        l2 = b.l2() if "batch_l2" in wanted else None
-        total = b.total() if "variance" in wanted else None
+        gb = None
+        if "grad_batch" in wanted:
+            gb = out["grad_batch"] = b.per_sample()[0]
+        if gb is not None and not b.closed_form:
+            # the per-sample tensor exists and there is no cheaper formula: reuse it
+            sgs = gb.pow(2).sum(0) if need_sgs else None
+            l2 = gb.flatten(1).pow(2).sum(1) if "batch_l2" in wanted else None
+            total = gb.sum(0) if "variance" in wanted else None
+        else:
+            sgs = b.sum_sq() if need_sgs else None
+            l2 = b.l2() if "batch_l2" in wanted else None
+            total = b.total() if "variance" in wanted else None
     if "sum_grad_squared" in wanted:
         out["sum_grad_squared"] = sgs
     if "variance" in wanted:

@@ -1,8 +1,8 @@
 """Reading the ten quantities off a model and summarising them, for ``[track]`` and ``curvopt stats``.
 
-The quantities come from :func:`curvopt.collect` (the results dict it returns,
-keyed by parameter name, or the ``param.<savefield>`` attributes it sets), or
-from a curvopt optimizer that was asked to ``track`` them.
+The quantities come from :func:`curvopt.collect` (``Collector.results``, keyed
+by parameter name, or the ``param.<savefield>`` attributes it sets), or from a
+curvopt optimizer that was asked to ``track`` them (``optimizer.state[p]``).
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def read(model: nn.Module, savefield: str, results: Any = None) -> dict[str, Any
     Args:
         model: the model whose parameters carry the quantity.
         savefield: e.g. ``"kflr"``.
-        results: the ``results`` dict of a :func:`curvopt.collect` context (param name →
-            savefield → value); when ``None`` the ``param.<savefield>`` attributes are read.
+        results: param name → savefield → value (``Collector.results``, or an optimizer's
+            state by name); where it lacks a value the ``param.<savefield>`` attribute is read.
     """
     out = {}
     for name, p in model.named_parameters():

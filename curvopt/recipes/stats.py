@@ -74,7 +74,7 @@ def layer_stats(config: RecipeConfig, step: int, quantities: Sequence[str] = SAV
                 loss = loss_fn(model(x), y)
                 loss.backward()
             loss_value = float(loss.detach())
-            values = read(model, q, getattr(col, "results", None))
+            values = read(model, q, col.results)
         except Exception as err:  # one quantity failing must not hide the others
             rows.append({"param": "*", "quantity": q, "error": f"{type(err).__name__}: {err}"})
             continue

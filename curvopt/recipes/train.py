@@ -65,22 +65,23 @@ class RunResult:
 class _Tracker:
     """Records ``[track] quantities`` every ``track.every`` steps.
 
-    curvopt's optimizers compute them themselves (they were given ``track=``); for the
-    others the backward pass of a tracking step runs inside :func:`curvopt.collect`.
+    curvopt's optimizers were given ``track=`` and keep the quantities in
+    ``optimizer.state[p][savefield]``; for the others the backward pass of a tracking step
+    runs inside :func:`curvopt.collect`.
     """
 
     def __init__(self, built: Built):
         cfg = built.config
         self.names = cfg.track.quantities
         self.every = cfg.track.every
-        self.model, self.loss_fn = built.model, built.loss_fn
+        self.model, self.loss_fn, self.optimizer = built.model, built.loss_fn, built.optimizer
         self.by_optimizer = OPTIMIZERS[cfg.optimizer.name].takes_model
         self.collect = None
         self.missing: set[str] = set()
         if self.names and not self.by_optimizer:
             self.collect = collect_fn()
             self.extensions = [extension_for(n) for n in self.names]
-        self._results = None
+        self._results: dict[str, Any] | None = None
 
     def due(self, step: int) -> bool:
         return bool(self.names) and step % self.every == 0
@@ -94,12 +95,17 @@ class _Tracker:
             return
         with self.collect(self.model, self.loss_fn, *self.extensions) as col:
             yield
-        self._results = getattr(col, "results", None)
+        self._results = col.results
 
     def read(self) -> dict[str, float | None]:
+        """The summaries of the tracked quantities (after the step)."""
+        results = self._results
+        if self.by_optimizer:
+            state = self.optimizer.state
+            results = {n: state[p] for n, p in self.model.named_parameters() if p in state}
         out = {}
         for name in self.names:
-            value = summarize(name, read(self.model, name, self._results))
+            value = summarize(name, read(self.model, name, results))
             if value is None:
                 self.missing.add(name)
             out[name] = value

@@ -74,6 +74,8 @@ class Bound:
     """A layout with a batch of cotangents attached."""
 
     layout: Layout
+    #: whether sum_sq/l2 have a formula cheaper than squaring per-sample gradients
+    closed_form = False
 
     # -- everything can be derived from the per-sample gradients ...
     def per_sample(self) -> Tensor:  # [K, N, *shape]
@@ -159,6 +161,7 @@ class Dense(Layout):
 class DenseBound(Bound):
     def __init__(self, layout: Dense, R: Tensor, X: Tensor):
         self.layout, self.R, self.X = layout, R, X
+        self.closed_form = R.shape[2] == 1
 
     def merge(self, members):
         R = torch.cat([m.R for m in members], dim=2)
@@ -307,6 +310,8 @@ class Embedding(Layout):
 
 
 class EmbeddingBound(Bound):
+    closed_form = True
+
     def __init__(self, layout, R, indices):
         self.layout, self.R, self.indices = layout, R, indices
 
