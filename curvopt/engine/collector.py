@@ -295,6 +295,16 @@ class Collector:
         self._loss_records.clear()
         for r in recs:
             r.done = True
+        bad = [r.name for r in recs if not torch.isfinite(r.grad).all()]
+        if bad:
+            # Checked on the (small) layer-output gradients, not on the (large) results.
+            warnings.warn(
+                f"curvopt: a non-finite gradient reached layer(s) {', '.join(bad)}; the "
+                "quantities of this backward pass are not finite. Check the loss, the "
+                "learning rate, or lower the inputs' scale.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._computing = True
         try:
             self.results = compute(self, recs)
