@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.autograd.graph import GradientEdge
 
 from ..errors import UnsupportedModuleError
-from .second_order import diagonal
+from .second_order import _batched_ok, diagonal, grads
 
 #: Residual columns are one backward pass per element of a sample's activation.
 MAX_RESIDUAL_ELEMENTS = 8192
@@ -206,19 +206,15 @@ def propagate(col, lrec, recs, g_out):
             )
         src = GradientEdge(*node.next_functions[0])
         eye = torch.eye(D, dtype=r_m.dtype, device=r_m.device)
-        per_rec = [[] for _ in recs]
-        for k in range(D):
-            e_k = eye[k].reshape(r_m.shape[1:]).expand_as(r_m)
-            gs = torch.autograd.grad(src, edges, e_k, retain_graph=True, allow_unused=True)
-            for lst, gi in zip(per_rec, gs):
-                lst.append(gi)
+        E = eye.reshape(D, 1, *r_m.shape[1:]).expand(D, *r_m.shape)
         w = r_m.reshape(N, D).T.contiguous()  # [D, N]
-        for r, lst in zip(recs, per_rec):
-            if all(x is None for x in lst):
+        res = grads(src, edges, E, batched=_batched_ok(recs))
+        for r, g in zip(recs, res):
+            if g is None:
                 continue
-            r.columns[f"res{i}"] = torch.stack(
-                [torch.zeros_like(r.output) if x is None else x for x in lst]
-            )
+            if isinstance(g, list):
+                g = torch.stack([torch.zeros_like(r.output) if x is None else x for x in g])
+            r.columns[f"res{i}"] = g
             r.columns[f"res{i}:w"] = w
 
 

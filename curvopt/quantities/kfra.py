@@ -25,7 +25,7 @@ import torch
 
 from .. import losses
 from ..errors import UnsupportedModuleError
-from .second_order import kronecker
+from .second_order import grads, kronecker
 
 MAX_KFRA_DIM = 8192
 
@@ -71,9 +71,9 @@ def propagate(col, lrec, recs, g_out):
         L = _sqrt_psd(H)  # [D_src, r]
         shape = (src.shape if torch.is_tensor(src) else src_shape)[1:]
         cols = L.T.reshape(-1, 1, *shape).expand(-1, N, *shape)
-        V = torch.stack(
-            [torch.autograd.grad(src, r.edge, c, retain_graph=True)[0] for c in cols]
-        )  # [r, N, *out]
+        (V,) = grads(src, [r.edge], cols, batched=True)  # [r, N, *out]
+        if isinstance(V, list):
+            V = torch.stack(V)
         r.columns["kfra"] = V / N**0.5
         Vf = V.reshape(V.shape[0], N, -1)
         H = torch.einsum("jnd,jne->de", Vf, Vf) / N

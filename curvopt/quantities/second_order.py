@@ -42,20 +42,46 @@ def _mc_kinds(exts) -> dict:
     return kinds
 
 
-def send_back(output, recs, columns, kind, retain=True):
-    """``columns: [K, *output.shape]`` → ``rec.columns[kind]: [K, *rec.output.shape]``."""
-    edges = [r.edge for r in recs]
-    per_rec = [[] for _ in recs]
-    for s in columns:
-        gs = torch.autograd.grad(output, edges, s, retain_graph=retain, allow_unused=True)
-        for lst, gi in zip(per_rec, gs):
-            lst.append(gi)
-    for r, lst in zip(recs, per_rec):
-        if all(x is None for x in lst):
-            continue
-        r.columns[kind] = torch.stack(
-            [torch.zeros_like(r.output) if x is None else x for x in lst]
+#: How K cotangent columns travel back: "loop" (one autograd.grad call per column) or
+#: "batched" (one call with is_grads_batched=True, i.e. vmap over the backward formulas).
+#: "auto" picks batched for few-row layers (MLPs: one large matmul instead of K small ones)
+#: and the loop when any recorded output has spatial extent (convolutions), where the
+#: measured batched backward was slower.
+MECHANISM = "auto"
+
+
+def _batched_ok(recs) -> bool:
+    if MECHANISM != "auto":
+        return MECHANISM == "batched"
+    return all(r.output.dim() <= 2 for r in recs)
+
+
+def grads(output, edges, columns, batched):
+    """``[per edge: [K, *edge shape] or None]`` for columns ``[K, *output.shape]``."""
+    if batched and len(columns) > 1:
+        return list(
+            torch.autograd.grad(
+                output, edges, columns, retain_graph=True, allow_unused=True,
+                is_grads_batched=True,
+            )
         )
+    per = [[] for _ in edges]
+    for s in columns:
+        gs = torch.autograd.grad(output, edges, s, retain_graph=True, allow_unused=True)
+        for lst, gi in zip(per, gs):
+            lst.append(gi)
+    return [None if all(x is None for x in lst) else lst for lst in per]
+
+
+def send_back(output, recs, columns, kind):
+    """``columns: [K, *output.shape]`` → ``rec.columns[kind]: [K, *rec.output.shape]``."""
+    res = grads(output, [r.edge for r in recs], columns, _batched_ok(recs))
+    for r, g in zip(recs, res):
+        if g is None:
+            continue
+        if isinstance(g, list):
+            g = torch.stack([torch.zeros_like(r.output) if x is None else x for x in g])
+        r.columns[kind] = g
 
 
 def propagate(col, lrec, recs, g_out):
