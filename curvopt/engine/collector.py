@@ -46,6 +46,7 @@ from ..extensions import (
     Variance,
 )
 from ..quantities import first_order, second_order
+from . import distributed
 
 _ACTIVE: weakref.WeakSet = weakref.WeakSet()
 
@@ -105,17 +106,27 @@ class Collector:
             may be changed between backward passes via :attr:`extensions`.
         set_attributes: also store results as attributes on the parameters
             (``p.grad_batch``, ``p.kfac``, ...), as BackPACK does.
+        distributed: ``"auto"`` (default): when a ``torch.distributed`` process group
+            with more than one rank is initialized, batch-level quantities describe the
+            global batch (see :mod:`curvopt.engine.distributed`); ``False``: rank-local.
+            The loss is taken to be mean-reduced unless ``loss_fn.reduction == 'sum'``.
+        gather: under ``torch.distributed``, also concatenate ``grad_batch`` and
+            ``batch_l2`` over ranks (by default they stay on their rank, rescaled to
+            the global loss).
 
     After each backward, :attr:`results` maps parameter names (as in
     ``model.named_parameters()``) to ``{savefield: value}``.
     """
 
-    def __init__(self, model: nn.Module, loss_fn=None, extensions=(), set_attributes=True):
+    def __init__(self, model: nn.Module, loss_fn=None, extensions=(), set_attributes=True,
+                 distributed="auto", gather=False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"collect: model must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.loss_fn = loss_fn
         self.set_attributes = set_attributes
+        self.distributed = distributed
+        self.gather = gather
         self._handles: list = []
         self._pending: list[Record] = []
         self._loss_records: list[LossRecord] = []
@@ -335,6 +346,8 @@ def compute(col: Collector, recs: list[Record]) -> dict[str, dict]:
         for local, lay in r.layouts().items():
             per_param.setdefault(lay.param, []).append((r, lay))
     wanted_first = {FIRST[t] for t in col._by_type if t in FIRST}
+    dist_on = col.distributed == "auto" and distributed.active()
+    totals = {} if dist_on else None
     out: dict[str, dict] = {}
     for p, items in per_param.items():
         name = col._names.get(p)
@@ -342,14 +355,21 @@ def compute(col: Collector, recs: list[Record]) -> dict[str, dict]:
             continue
         res = {}
         if wanted_first:
-            res.update(first_order.compute(items, wanted_first))
+            res.update(first_order.compute(items, wanted_first, totals, name))
         res.update(second_order.compute(col, items))
         out[name] = res
+    if dist_on and recs:
+        n_local = next(iter(recs[0].layouts().values())).N
+        n_global = distributed.global_batch(n_local, recs[0].output.device)
+        mean = col.loss_fn is None or getattr(col.loss_fn, "reduction", "mean") == "mean"
+        rho = n_local / n_global if mean else 1.0
+        distributed.reduce_results(out, totals, n_local, rho, n_global, gather=col.gather)
     return out
 
 
 @contextmanager
-def collect(model: nn.Module, loss_fn=None, *extensions: Extension, set_attributes: bool = True):
+def collect(model: nn.Module, loss_fn=None, *extensions: Extension, set_attributes: bool = True,
+            distributed="auto", gather: bool = False):
     """Compute ``extensions`` during the backward passes inside the ``with`` block.
 
     .. code-block:: python
@@ -365,7 +385,8 @@ def collect(model: nn.Module, loss_fn=None, *extensions: Extension, set_attribut
     if isinstance(loss_fn, Extension):
         extensions = (loss_fn, *extensions)
         loss_fn = None
-    col = Collector(model, loss_fn, extensions, set_attributes=set_attributes)
+    col = Collector(model, loss_fn, extensions, set_attributes=set_attributes,
+                    distributed=distributed, gather=gather)
     col.attach()
     try:
         yield col

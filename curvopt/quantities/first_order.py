@@ -17,8 +17,12 @@ from __future__ import annotations
 from ..rules.layout import concat
 
 
-def compute(items, wanted: set[str]) -> dict:
-    """``items``: ``[(record, layout)]`` of one parameter; ``wanted``: savefields."""
+def compute(items, wanted: set[str], totals: dict | None = None, key=None) -> dict:
+    r"""``items``: ``[(record, layout)]`` of one parameter; ``wanted``: savefields.
+
+    ``totals``: if given, ``totals[key]`` receives :math:`\sum_n g_n` (used to combine
+    the variance over ranks under torch.distributed).
+    """
     bounds = concat([lay.bind(r.grad.unsqueeze(0)) for r, lay in items])
     N = items[0][1].N
     out = {}
@@ -51,7 +55,11 @@ def compute(items, wanted: set[str]) -> dict:
             total = b.total() if "variance" in wanted else None
     if "sum_grad_squared" in wanted:
         out["sum_grad_squared"] = sgs
+    if totals is not None and total is not None:
+        totals[key] = total
     if "variance" in wanted:
+        if totals is not None and "sum_grad_squared" not in wanted:
+            out["_sgs"] = sgs  # consumed (and removed) by the distributed reduction
         out["variance"] = (sgs / N - (total / N).pow(2)).clamp_min(0)
     if "batch_l2" in wanted:
         out["batch_l2"] = l2

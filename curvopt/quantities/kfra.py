@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 
 from .. import losses
+from ..engine import distributed
+from ..engine.distributed import Factors
 from ..errors import UnsupportedModuleError
 from .second_order import grads, kronecker
 
@@ -50,6 +52,12 @@ def propagate(col, lrec, recs, g_out):
     edges = [r.edge for r in recs]
     true = torch.autograd.grad(o, edges, g_out, retain_graph=True, allow_unused=True)
     H = losses.mean_hessian(col.loss_fn, o, lrec.target)
+    dist_on = distributed.active()
+    if dist_on:  # KFRA's recursion needs the global batch's H̄ at every step
+        n_glob = distributed.global_batch(N, H.device)
+        rho = N / n_glob if col.loss_fn.reduction == "mean" else 1.0
+        H = H * rho
+        torch.distributed.all_reduce(H)
     src, src_grad, src_name = o, g_out, "the loss input"
     for r, g_true in zip(reversed(recs), reversed(true)):
         if g_true is None:
@@ -77,8 +85,12 @@ def propagate(col, lrec, recs, g_out):
         r.columns["kfra"] = V / N**0.5
         Vf = V.reshape(V.shape[0], N, -1)
         H = torch.einsum("jnd,jne->de", Vf, Vf) / N
+        if dist_on:
+            H = distributed.allreduce_mean_(H, N, n_glob)
         src, src_grad, src_name, src_shape = r.edge, g_true, f"layer '{r.name}'", r.output.shape
 
 
 def factors(items):
-    return kronecker(items, "kfra")
+    f = kronecker(items, "kfra")
+    # G is already the global batch average: under torch.distributed it is averaged, not summed.
+    return None if f is None else Factors.of(f, "A" * len(f))

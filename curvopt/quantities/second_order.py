@@ -25,8 +25,10 @@ from __future__ import annotations
 import torch
 
 from .. import losses
+from ..engine.distributed import Factors
+from ..errors import UnsupportedModuleError
 from ..extensions import KFAC, KFLR, KFRA, DiagGGNExact, DiagGGNMC, DiagHessian
-from ..rules.layout import DenseBound, ElementwiseBound, EmbeddingBound, concat
+from ..rules.layout import MAX_DENSE_BLOCK, DenseBound, ElementwiseBound, EmbeddingBound, concat
 
 
 def _mc_kinds(exts) -> dict:
@@ -144,19 +146,20 @@ def kronecker(items, kind):
         if isinstance(b, DenseBound):
             if b.layout.transposed:
                 # ConvTranspose: W is [C_in, C_out/g·k…]; the input side is the row index.
-                return [b.kron_A(), b.kron_G()]
-            return [b.kron_G(), b.kron_A()]
+                return Factors.of([b.kron_A(), b.kron_G()], "AG")
+            return Factors.of([b.kron_G(), b.kron_A()], "GA")
         if isinstance(b, ElementwiseBound) and b.Xhat is None:
-            return [b.kron_G()]
+            return Factors.of([b.kron_G()], "G")
         if isinstance(b, EmbeddingBound):
-            return [b.kron_A(), b.kron_G()]
-        return [b.dense_block()]
+            return Factors.of([b.kron_A(), b.kron_G()], "AG")
+        return Factors.of([b.dense_block()], "G")
     ps = sum(b.per_sample() for b in bounds).flatten(2).flatten(0, 1)
-    if ps.shape[1] > 4096:
-        from ..rules.layout import dense_block_error
-
-        raise dense_block_error(p.numel())
-    return [ps.T @ ps]
+    if ps.shape[1] > MAX_DENSE_BLOCK:
+        raise UnsupportedModuleError(
+            f"a dense curvature block of a parameter with {p.numel()} entries (shared by "
+            f"layers of different types) exceeds {MAX_DENSE_BLOCK} per side; use the diagonal."
+        )
+    return Factors.of([ps.T @ ps], "G")
 
 
 def compute(col, items) -> dict:
