@@ -144,9 +144,8 @@ def kronecker(items, kind):
     if len(bounds) == 1:
         b = bounds[0]
         if isinstance(b, DenseBound):
-            if b.layout.transposed:
-                # ConvTranspose: W is [C_in, C_out/g·k…]; the input side is the row index.
-                return Factors.of([b.kron_A(), b.kron_G()], "AG")
+            # ConvTranspose as BackPACK: [G (C_out²), Ω ((C_in·k…)²)], a Kronecker
+            # approximation of the GGN w.r.t. weight.transpose(0, 1).
             return Factors.of([b.kron_G(), b.kron_A()], "GA")
         if isinstance(b, ElementwiseBound) and b.Xhat is None:
             return Factors.of([b.kron_G()], "G")

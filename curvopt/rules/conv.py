@@ -82,10 +82,10 @@ class ConvRule(Rule):
 
         out = {}
         if module.weight.requires_grad:
-            out["weight"] = Dense(module.weight, N, X=X, rows=rows)
+            out["weight"] = Dense(module.weight, N, X=X, rows=rows, reduce_G=True)
         if module.bias is not None and module.bias.requires_grad:
             out["bias"] = Elementwise(
-                module.bias, N, Xhat=None,
+                module.bias, N, Xhat=None, reduce_G=True,
                 rows=lambda cot: cot.reshape(cot.shape[0], N, C_out, P).transpose(2, 3),
             )
         return out
@@ -114,13 +114,25 @@ class ConvTransposeRule(Rule):
             U = unfold(c, ks, st, dil, pads, "constant")  # [K·N, P_in, C_out·k]
             return U.reshape(K, N, P_in, g, -1)
 
+        def kron_rows(cot):  # [K, N, C_out]: summed over output positions (BackPACK's G)
+            return cot.reshape(cot.shape[0], N, C_out, -1).sum(-1)
+
+        def kron_X():  # the transposed convolution's unfold: [N, P_out, C_in·k…]
+            Kk = int(torch.tensor(ks).prod())
+            eye = torch.eye(C_in * Kk, dtype=x.dtype, device=x.device)
+            w = eye.reshape(C_in * Kk, C_in, *ks).transpose(0, 1)  # [C_in, C_in·K, *k]
+            conv_t = getattr(F, f"conv_transpose{nd}d")
+            U = conv_t(x, w, None, st, module.padding, module.output_padding, 1, dil)
+            return U.reshape(N, C_in * Kk, -1).transpose(1, 2)
+
         out = {}
         if module.weight.requires_grad:
-            out["weight"] = Dense(module.weight, N, X=X, rows=rows, transposed=True)
+            out["weight"] = Dense(module.weight, N, X=X, rows=rows, transposed=True,
+                                  kron_rows=kron_rows, kron_X=kron_X)
         if module.bias is not None and module.bias.requires_grad:
             P_out = output[0, 0].numel() if output.dim() == x.dim() else output[0].numel()
             out["bias"] = Elementwise(
-                module.bias, N, Xhat=None,
+                module.bias, N, Xhat=None, reduce_G=True,
                 rows=lambda cot: cot.reshape(cot.shape[0], N, C_out, P_out).transpose(2, 3),
             )
         return out

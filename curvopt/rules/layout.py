@@ -150,23 +150,30 @@ class Dense(Layout):
     rows: Callable[[Tensor], Tensor] = None
     transposed: bool = False
     expand: bool = False
+    #: Kronecker G from the cotangent rows summed over S *before* the outer product
+    #: (convolutions, as BackPACK: G is then the GGN of the bias), instead of per row.
+    reduce_G: bool = False
+    #: ConvTranspose only: ``cot -> [K, N, C_out]`` (summed over positions) for G, and
+    #: ``() -> [N, P_out, C_in·k…]`` (the transposed convolution's own unfold) for A.
+    kron_rows: Callable[[Tensor], Tensor] | None = None
+    kron_X: Callable[[], Tensor] | None = None
 
     def kind(self):
         return ("dense", self.X.shape[2:], self.transposed)
 
     def bind(self, cot):
-        return DenseBound(self, self.rows(cot), self.X)
+        return DenseBound(self, self.rows(cot), self.X, cot)
 
 
 class DenseBound(Bound):
-    def __init__(self, layout: Dense, R: Tensor, X: Tensor):
-        self.layout, self.R, self.X = layout, R, X
+    def __init__(self, layout: Dense, R: Tensor, X: Tensor, cot: Tensor | None = None):
+        self.layout, self.R, self.X, self.cot = layout, R, X, cot
         self.closed_form = R.shape[2] == 1
 
     def merge(self, members):
         R = torch.cat([m.R for m in members], dim=2)
         X = torch.cat([m.X for m in members], dim=1)
-        return DenseBound(self.layout, R, X)
+        return DenseBound(self.layout, R, X)  # no single cotangent: see kron_G
 
     def _grad_shape(self, lead):
         return (*lead, *self.layout.shape)
@@ -231,25 +238,45 @@ class DenseBound(Bound):
             return torch.einsum("nsgi,nsgo->gio", self.X, self.R[0]).reshape(self.layout.shape)
         return torch.einsum("nsgo,nsgi->goi", self.R[0], self.X).reshape(self.layout.shape)
 
-    def kron_A(self):
-        X = self.X
-        if X.shape[2] != 1:
+    def _check_groups(self):
+        if self.R.shape[3] != 1:
             raise UnsupportedModuleError(
                 "Kronecker factors of a grouped convolution (groups > 1) are not "
                 "block-Kronecker with one input factor; use DiagGGNExact/DiagGGNMC for it."
             )
+
+    def kron_A(self):
+        self._check_groups()
+        lay = self.layout
+        if lay.kron_X is not None:  # ConvTranspose: its own unfold over output positions
+            if self.cot is None:
+                raise UnsupportedModuleError(
+                    "Kronecker factors of a ConvTranspose applied more than once are not "
+                    "supported; use DiagGGNExact/DiagGGNMC for it."
+                )
+            U = lay.kron_X()
+            N = U.shape[0]
+            U = U.flatten(0, 1)
+            return U.T @ U / N
+        X = self.X
         N, S = X.shape[:2]
         X = X[:, :, 0].flatten(0, 1)
-        return X.T @ X / (N * S if self.layout.expand else N)
+        return X.T @ X / (N * S if lay.expand else N)
 
     def kron_G(self):
-        R = self.R
-        if R.shape[3] != 1:
-            raise UnsupportedModuleError(
-                "Kronecker factors of a grouped convolution (groups > 1) are not "
-                "block-Kronecker with one input factor; use DiagGGNExact/DiagGGNMC for it."
-            )
-        R = R[:, :, :, 0].flatten(0, 2)
+        self._check_groups()
+        lay = self.layout
+        if lay.kron_rows is not None:
+            if self.cot is None:
+                raise UnsupportedModuleError(
+                    "Kronecker factors of a ConvTranspose applied more than once are not "
+                    "supported; use DiagGGNExact/DiagGGNMC for it."
+                )
+            R = lay.kron_rows(self.cot).flatten(0, 1)
+        elif lay.reduce_G:
+            R = self.R[:, :, :, 0].sum(2).flatten(0, 1)
+        else:
+            R = self.R[:, :, :, 0].flatten(0, 2)
         return R.T @ R
 
     def dense_block(self):
@@ -263,6 +290,8 @@ class Elementwise(Layout):
 
     Xhat: Tensor | None = None
     rows: Callable[[Tensor], Tensor] = None
+    #: bias of a convolution: Kronecker G from rows summed over S first (see Dense)
+    reduce_G: bool = False
 
     def kind(self):
         return ("elementwise", self.Xhat is None)
@@ -289,7 +318,7 @@ class ElementwiseBound(Bound):
         # A bias has the Kronecker factor G of its layer alone (BackPACK: ``[G]``).
         if self.Xhat is not None:
             return None
-        R = self.R.flatten(0, 2)
+        R = self.R.sum(2).flatten(0, 1) if self.layout.reduce_G else self.R.flatten(0, 2)
         return R.T @ R
 
 
