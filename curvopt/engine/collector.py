@@ -21,6 +21,7 @@ How one backward pass is turned into the requested quantities:
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -79,6 +80,22 @@ class LossRecord:
     input: Tensor
     target: Tensor
     output: Tensor
+
+
+def _weak(obj, method: str, *bound):
+    """A tensor hook calling ``obj.method(*bound, grad)`` without keeping ``obj`` alive.
+
+    Hooks live on graph nodes; a strong reference would tie the collector (and its
+    results) to the graph's lifetime through a reference cycle.
+    """
+    ref = weakref.ref(obj)
+
+    def hook(g):
+        o = ref()
+        if o is not None:
+            return getattr(o, method)(*bound, g)
+
+    return hook
 
 
 def _first_tensor(out):
@@ -238,7 +255,7 @@ class Collector:
                 output=out.detach(), edge=get_gradient_edge(out),
             )
             self._pending.append(rec)
-            out.register_hook(lambda g, rec=rec: self._grad_hook(rec, g))
+            out.register_hook(_weak(self, "_grad_hook", rec))
 
         return hook
 
@@ -268,8 +285,8 @@ class Collector:
         lrec = LossRecord(module, o, args[1].detach() if len(args) > 1 else None, output)
         self._loss_records.append(lrec)
         if output.requires_grad:
-            output.register_hook(lambda g: self._loss_output_hook(g))
-        o.register_hook(lambda g, lrec=lrec: self._loss_input_hook(lrec, g))
+            output.register_hook(_weak(self, "_loss_output_hook"))
+        o.register_hook(_weak(self, "_loss_input_hook", lrec))
 
     def _loss_output_hook(self, g):
         if self._nested:
@@ -326,8 +343,8 @@ class Collector:
                 p = self._param_by_name(name)
                 for k, v in res.items():
                     setattr(p, k, v)
-        for r in recs:  # free captured tensors
-            r.args, r.kwargs, r.columns, r._layouts = (), {}, {}, None
+        for r in recs:  # free captured tensors and the graph node
+            r.args, r.kwargs, r.columns, r._layouts, r.edge = (), {}, {}, None, None
 
     def _param_by_name(self, name):
         if not hasattr(self, "_by_name"):
@@ -355,7 +372,8 @@ def compute(col: Collector, recs: list[Record]) -> dict[str, dict]:
             continue
         res = {}
         if wanted_first:
-            res.update(first_order.compute(items, wanted_first, totals, name))
+            reuse = _reusable(col, name, p, items) if "grad_batch" in wanted_first else None
+            res.update(first_order.compute(items, wanted_first, totals, name, reuse))
         res.update(second_order.compute(col, items))
         out[name] = res
     if dist_on and recs:
@@ -365,6 +383,36 @@ def compute(col: Collector, recs: list[Record]) -> dict[str, dict]:
         rho = n_local / n_global if mean else 1.0
         distributed.reduce_results(out, totals, n_local, rho, n_global, gather=col.gather)
     return out
+
+
+def _reusable(col: Collector, name: str, p: nn.Parameter, items) -> Tensor | None:
+    """Last backward's ``grad_batch`` of ``p`` if only curvopt still references it.
+
+    The old tensor is about to be replaced (on the parameter and in ``results``);
+    if the user kept no reference, its memory is recycled instead of allocating
+    ``N × params`` floats afresh.  The reference count tells: the attribute, the
+    previous results dict, and the two references of this check itself.
+    """
+    N = items[0][1].N
+    shape = (N, *p.shape)
+    known = 2
+    cand = None
+    if col.set_attributes:
+        cand = p.__dict__.get("grad_batch")
+        known += cand is not None
+    prev = col.results.get(name, {}).get("grad_batch")
+    if prev is not None:
+        if cand is None:
+            cand = prev
+        if prev is cand:
+            known += 1
+        else:
+            return None
+        prev = None  # drop this function's second local reference before counting
+    if (cand is None or cand.shape != shape or cand.dtype != p.dtype
+            or cand.device != p.device or cand._base is not None or not cand.is_contiguous()):
+        return None
+    return cand if sys.getrefcount(cand) == known else None
 
 
 @contextmanager

@@ -17,11 +17,14 @@ from __future__ import annotations
 from ..rules.layout import concat
 
 
-def compute(items, wanted: set[str], totals: dict | None = None, key=None) -> dict:
+def compute(items, wanted: set[str], totals: dict | None = None, key=None, reuse=None) -> dict:
     r"""``items``: ``[(record, layout)]`` of one parameter; ``wanted``: savefields.
 
     ``totals``: if given, ``totals[key]`` receives :math:`\sum_n g_n` (used to combine
     the variance over ranks under torch.distributed).
+    ``reuse``: a ``[N, *p.shape]`` tensor nobody else holds (last step's ``grad_batch``):
+    writing into it avoids the page faults of a fresh multi-MB allocation, which cost
+    more than the arithmetic (measured 4x on the 784-256-256-10 MLP).
     """
     bounds = concat([lay.bind(r.grad.unsqueeze(0)) for r, lay in items])
     N = items[0][1].N
@@ -43,7 +46,12 @@ def compute(items, wanted: set[str], totals: dict | None = None, key=None) -> di
         b = bounds[0]
         gb = None
         if "grad_batch" in wanted:
-            gb = out["grad_batch"] = b.per_sample()[0]
+            if hasattr(b, "per_sample_into"):
+                p = b.layout.param
+                buf = reuse if reuse is not None else p.new_empty((N, *p.shape))
+                gb = out["grad_batch"] = b.per_sample_into(buf)
+            else:
+                gb = out["grad_batch"] = b.per_sample()[0]
         if gb is not None and not b.closed_form:
             # the per-sample tensor exists and there is no cheaper formula: reuse it
             sgs = gb.pow(2).sum(0) if need_sgs else None

@@ -182,6 +182,21 @@ class DenseBound(Bound):
         K, N = self.R.shape[:2]
         return self._einsum(self.X, self.R).reshape(K, N, *self.layout.shape)
 
+    def per_sample_into(self, out: Tensor) -> Tensor:
+        """``per_sample()[0]`` (K = 1) written into ``out`` (``[N, *shape]``, reused memory)."""
+        R, X = self.R[0], self.X  # [N, S, g, Do], [N, S, g, Di]
+        N, S, g, Do = R.shape
+        Di = X.shape[-1]
+        if self.layout.transposed:
+            R, X, Do, Di = X, R, Di, Do  # the gradient is Xᵀ R: swap the roles
+        if S == 1:
+            torch.mul(R[:, 0, :, :, None], X[:, 0, :, None, :], out=out.view(N, g, Do, Di))
+        else:
+            torch.bmm(R.permute(0, 2, 3, 1).reshape(N * g, Do, S),
+                      X.permute(0, 2, 1, 3).reshape(N * g, S, Di),
+                      out=out.view(N * g, Do, Di))
+        return out
+
     def _einsum(self, X, R):
         if self.layout.transposed:
             return torch.einsum("nsgi,knsgo->kngio", X, R)
