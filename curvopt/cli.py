@@ -14,6 +14,7 @@ invalid one exits with status 2 and one message naming the key at fault.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -76,7 +77,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from curvopt import recipes
-    from curvopt.recipes.train import summary_table
+    from curvopt.recipes.runner import summary_table
 
     config = recipes.load(args.recipe, args.overrides)
     echo = None if args.quiet else print
@@ -90,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from curvopt import recipes
-    from curvopt.recipes.train import summary_table
+    from curvopt.recipes.runner import summary_table
 
     configs = [recipes.load(path, args.overrides) for path in args.recipes]
     echo = None if args.quiet else print
@@ -122,7 +123,7 @@ def _check(args: argparse.Namespace) -> int:
     from curvopt.recipes.schema import to_dict
 
     configs = [recipes.load(path, args.overrides) for path in args.recipes]
-    for path, config in zip(args.recipes, configs):
+    for path, config in zip(args.recipes, configs, strict=True):
         print(f"# {path}: ok")
         print(to_toml(to_dict(config)))
     return 0
@@ -149,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("curvopt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `curvopt stats ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

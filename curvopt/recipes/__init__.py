@@ -6,10 +6,10 @@ what to track, and the code that checks, builds and runs them (``curvopt run|com
 >>> model, loss_fn, optimizer, data = recipes.build(config)  # doctest: +SKIP
 """
 
-from curvopt.recipes.build import OPTIMIZERS, Built, build
-from curvopt.recipes.load import load, parse
+from curvopt.recipes.builder import OPTIMIZERS, Built, build
+from curvopt.recipes.loader import load, parse
+from curvopt.recipes.runner import RunResult, compare, run, train
 from curvopt.recipes.schema import SAVEFIELDS, RecipeConfig, RecipeError
-from curvopt.recipes.train import RunResult, compare, run, train
 
 __all__ = [
     "load",

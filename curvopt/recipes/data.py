@@ -12,7 +12,7 @@ import torch
 
 from curvopt.recipes.schema import DataConfig
 
-__all__ = ["Data", "make_data"]
+__all__ = ["Data", "make_data", "data_shapes"]
 
 
 @dataclass(frozen=True)
@@ -40,20 +40,23 @@ class Data:
         """Shape of one input."""
         return tuple(self.x_train.shape[1:])
 
-    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    def batches(self, batch_size: int,
+                generator: torch.Generator) -> Iterator[tuple[float, torch.Tensor, torch.Tensor]]:
         """Endless ``(epoch, x, y)`` minibatches, reshuffled every epoch with ``generator``.
 
-        The last, short batch of an epoch is dropped (unless the set is smaller than a batch),
-        so every step sees ``batch_size`` samples.
+        ``epoch`` counts the epochs done once this batch is used (``1.0`` after the last
+        batch of the first epoch).  The last, short batch of an epoch is dropped (unless the
+        set is smaller than a batch), so every step sees ``batch_size`` samples.
         """
         n = self.x_train.shape[0]
         size = min(batch_size, n)
+        per_epoch = n // size
         epoch = 0
         while True:
             order = torch.randperm(n, generator=generator)
-            for start in range(0, n - size + 1, size):
-                idx = order[start : start + size]
-                yield epoch, self.x_train[idx], self.y_train[idx]
+            for i in range(per_epoch):
+                idx = order[i * size : (i + 1) * size]
+                yield epoch + (i + 1) / per_epoch, self.x_train[idx], self.y_train[idx]
             epoch += 1
 
 
@@ -87,6 +90,13 @@ def _regression(config: DataConfig) -> Data:
     y = y + config.noise * torch.randn(y.shape, generator=g)
     train, test = _split(x.shape[0], config.test_fraction, config.split_seed)
     return Data(x[train], y[train], x[test], y[test], "regression", k)
+
+
+def data_shapes(config: DataConfig, images: bool = False) -> tuple[tuple[int, ...], int]:
+    """``(shape of one input, out_features)`` of the data, without loading it."""
+    if config.name == "digits":
+        return ((1, 8, 8) if images else (64,)), 10
+    return (config.n_features,), config.n_outputs
 
 
 def make_data(config: DataConfig, images: bool = False) -> Data:

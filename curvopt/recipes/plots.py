@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,22 +46,27 @@ def plot_runs(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str | 
                              squeeze=False)
     loss_ax = axes[0][0]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    smooth: list[float] = []  # the solid lines; single minibatch losses may lie far below
     for i, (label, records) in enumerate(runs):
         color = colors[i % len(colors)]
         steps, train = _series(records, "train_loss")
         if steps:
             loss_ax.plot(steps, train, color=color, alpha=0.2, linewidth=0.8)
-            loss_ax.plot(steps, _ema(train), color=color, label=f"{label} train")
+            ema = _ema(train)
+            loss_ax.plot(steps, ema, color=color, label=f"{label} train")
+            smooth += ema
         steps, test = _series(records, "test_loss")
+        smooth += test
         loss_ax.plot(steps, test, color=color, linestyle="--", marker="o", markersize=3,
                      label=f"{label} test")
         if has_acc:
             steps, acc = _series(records, "test_acc")
             axes[0][1].plot(steps, acc, color=color, marker="o", markersize=3, label=label)
     loss_ax.set(xlabel="step", ylabel="loss", title="loss")
-    if all(v > 0 for _, recs in runs for r in recs
-           for v in (r.get("train_loss"), r.get("test_loss")) if v is not None):
+    finite = [v for v in smooth if math.isfinite(v)]
+    if finite and min(finite) > 0:
         loss_ax.set_yscale("log")
+        loss_ax.set_ylim(bottom=min(finite) / 2)
     loss_ax.legend(fontsize=8)
     loss_ax.grid(alpha=0.3)
     if has_acc:

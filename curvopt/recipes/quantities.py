@@ -1,4 +1,4 @@
-"""Reading the ten quantities off a model and summarising them, for ``[track]`` and ``curvopt stats``.
+"""The ten quantities read off a model and summarised, for ``[track]`` and ``curvopt stats``.
 
 The quantities come from :func:`curvopt.collect` (``Collector.results``, keyed
 by parameter name, or the ``param.<savefield>`` attributes it sets), or from a
@@ -108,7 +108,7 @@ def describe(savefield: str, value: Any) -> list[dict[str, Any]]:
                 f"F{i}" for i in range(len(factors))
             ]
             rows = []
-            for part, f in zip(names, factors):
+            for part, f in zip(names, factors, strict=True):
                 f = f.detach().double()
                 eig = torch.linalg.eigvalsh((f + f.T) / 2)
                 rows.append({

@@ -33,6 +33,7 @@ __all__ = [
     "TrackConfig",
     "RecipeConfig",
     "SAVEFIELDS",
+    "convert",
     "from_dict",
     "to_dict",
     "did_you_mean",
@@ -146,7 +147,7 @@ class OptimizerConfig:
     __extra__ = "params"  # where the table's other keys go (see from_dict)
 
     name: str = "sgd"
-    """One of :data:`curvopt.recipes.build.OPTIMIZERS`: ``sgd``, ``adam``, ``adamw``,
+    """One of :data:`curvopt.recipes.builder.OPTIMIZERS`: ``sgd``, ``adam``, ``adamw``,
     ``adahessian`` (torch-optimizer), ``kfac``, ``diag_ggn_adam``, ``variance_adaptive_sgd``."""
 
     lr: float | None = None
@@ -258,7 +259,10 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_name(args[0])}"
+        return f"list of {len(args)} values"
     if origin is dict:
         return "table"
     if tp is type(None):
@@ -316,8 +320,13 @@ def convert(value: Any, tp: Any, key: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise RecipeError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
-        (item,) = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return tuple(convert(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[T, ...]
+            args = (args[0],) * len(value)
+        elif len(args) != len(value):
+            raise RecipeError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(convert(v, a, f"{key}[{i}]") for i, (v, a) in pairs)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise RecipeError(f"{key}: expected a table [{key}], got {_describe(value)}")

@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from curvopt.recipes.build import build, build_loss, build_model
+from curvopt.recipes.builder import build, build_loss, build_model
 from curvopt.recipes.output import format_table
 from curvopt.recipes.quantities import collect_fn, describe, extension_for, read
+from curvopt.recipes.runner import Echo, train
 from curvopt.recipes.schema import SAVEFIELDS, RecipeConfig, RecipeError, TrackConfig
-from curvopt.recipes.train import Echo, train
 
 __all__ = ["layer_stats", "STATS_COLUMNS", "format_stats"]
 
@@ -58,8 +58,8 @@ def layer_stats(config: RecipeConfig, step: int, quantities: Sequence[str] = SAV
     else:
         built = build(trained)
     data = built.data
-    bs = min(config.train.batch_size, data.x_train.shape[0])
-    batches = data.batches(bs, torch.Generator().manual_seed(config.train.seed))
+    batches = data.batches(config.train.batch_size,
+                           torch.Generator().manual_seed(config.train.seed))
     _, x, y = next(itertools.islice(batches, step, None))
 
     model = build_model(config.model, data.in_shape, data.out_features)
@@ -83,6 +83,9 @@ def layer_stats(config: RecipeConfig, step: int, quantities: Sequence[str] = SAV
         for p in model.parameters():  # do not carry one pass's attributes into the next
             if hasattr(p, q):
                 delattr(p, q)
+    order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    rank = {q: i for i, q in enumerate(quantities)}
+    rows.sort(key=lambda r: (order.get(r["param"], -1), rank[r["quantity"]]))  # per layer
     return rows, {"step": step, "batch_size": int(x.shape[0]), "loss": loss_value}
 
 

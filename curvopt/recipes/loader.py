@@ -9,12 +9,16 @@ unknown optimizer hyperparameters, and combinations that cannot work.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from curvopt.recipes.build import check_optimizer_params
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from curvopt.recipes.builder import check_buildable, check_optimizer_params
 from curvopt.recipes.schema import RecipeConfig, RecipeError, from_dict
 
 __all__ = ["load", "parse", "read_toml", "parse_override", "apply_overrides"]
@@ -84,7 +88,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, parsed
 
 
-def apply_overrides(raw: dict[str, Any], overrides: Iterable[str] | Mapping[str, Any]) -> dict[str, Any]:
+def apply_overrides(
+    raw: dict[str, Any], overrides: Iterable[str] | Mapping[str, Any]
+) -> dict[str, Any]:
     """``raw`` with ``--set`` style overrides (strings, or a mapping of dotted key to value)."""
     items = (
         [(k.split("."), v) for k, v in overrides.items()]
@@ -151,9 +157,11 @@ def _check(config: RecipeConfig) -> RecipeConfig:
     params = check_optimizer_params(config.optimizer.name, config.optimizer.params)
     if params is None:  # class not available yet: build() reports it
         return config
-    return dataclasses.replace(
+    config = dataclasses.replace(
         config, optimizer=dataclasses.replace(config.optimizer, params=params)
     )
+    check_buildable(config)
+    return config
 
 
 def parse(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,12 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvopt.recipes.data import Data, make_data
+from curvopt.recipes.data import Data, data_shapes, make_data
 from curvopt.recipes.schema import (
     ModelConfig,
     RecipeConfig,
     RecipeError,
     ScheduleConfig,
+    convert,
     did_you_mean,
 )
 
@@ -35,6 +37,7 @@ __all__ = [
     "build_loss",
     "build_scheduler",
     "check_optimizer_params",
+    "check_buildable",
 ]
 
 
@@ -95,7 +98,7 @@ _NOT_FROM_RECIPE = {"params", "model", "loss_fn", "track", "self"}
 
 
 def _hyperparameters(cls: type) -> dict[str, inspect.Parameter] | None:
-    """Keyword parameters of ``cls.__init__`` a recipe may set; ``None`` if it takes ``**kwargs``."""
+    """Keyword parameters of ``cls.__init__`` a recipe may set (``None``: any, ``**kwargs``)."""
     params = inspect.signature(cls).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return None
@@ -108,16 +111,19 @@ def _hyperparameters(cls: type) -> dict[str, inspect.Parameter] | None:
     }
 
 
-def _check_value(key: str, value: Any, default: Any) -> Any:
-    """Check a hyperparameter's TOML value against the type of its default; convert it."""
+def _check_value(key: str, value: Any, param: inspect.Parameter, hints: dict[str, Any]) -> Any:
+    """Check a hyperparameter's TOML value against the constructor's annotation (or, where it
+    has none, the type of the default); return it converted (lists to tuples, ints to floats)."""
+    if key in hints:
+        return convert(value, hints[key], f"optimizer.{key}")
+    default = param.default
     if default is None or default is inspect.Parameter.empty:
         return tuple(value) if isinstance(value, list) else value
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, (int, float)):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok and isinstance(default, float):
-            value = float(value)
+        value = float(value) if ok and isinstance(default, float) else value
     elif isinstance(default, (tuple, list)):
         ok = isinstance(value, (list, tuple))
         value = tuple(value) if ok else value
@@ -129,6 +135,13 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
             f"(like the default {default!r}), got {type(value).__name__} {value!r}"
         )
     return value
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable annotations: fall back to the defaults' types
+        return {}
 
 
 def check_optimizer_params(name: str, params: dict[str, Any]) -> dict[str, Any] | None:
@@ -156,6 +169,7 @@ def check_optimizer_params(name: str, params: dict[str, Any]) -> dict[str, Any] 
     if allowed is None:
         return dict(params)
     valid = list(allowed)
+    hints = _type_hints(cls)
     out = {}
     for key, value in params.items():
         if key not in valid:
@@ -164,7 +178,7 @@ def check_optimizer_params(name: str, params: dict[str, Any]) -> dict[str, Any] 
                 f"({cls.__module__}.{cls.__qualname__}){did_you_mean(key, valid)}; "
                 f"valid keys: name, {', '.join(valid)}"
             )
-        out[key] = _check_value(key, value, allowed[key].default)
+        out[key] = _check_value(key, value, allowed[key], hints)
     return out
 
 
@@ -180,11 +194,31 @@ def build_optimizer(
         kwargs = check_optimizer_params(opt.name, opt.params) or {}
     if opt.lr is not None:
         kwargs["lr"] = opt.lr
-    if spec.takes_model:
-        if config.track.quantities:
-            kwargs["track"] = list(config.track.quantities)
-        return cls(model, loss_fn, **kwargs)
-    return cls(model.parameters(), **kwargs)
+    try:
+        if spec.takes_model:
+            if config.track.quantities:
+                kwargs["track"] = list(config.track.quantities)
+            return cls(model, loss_fn, **kwargs)
+        return cls(model.parameters(), **kwargs)
+    except (ValueError, TypeError) as err:  # the constructor's own checks (ranges, choices)
+        raise RecipeError(
+            f"optimizer: {cls.__qualname__} rejects the recipe's [optimizer] table: {err}"
+        ) from err
+
+
+def check_buildable(config: RecipeConfig) -> None:
+    """Construct model, loss and optimizer once on a throwaway model, so that what only the
+    constructors check (value ranges, an optimizer's own choices) fails when the recipe is
+    loaded, before any training.  Torch's global RNG is left as it was."""
+    if check_optimizer_params(config.optimizer.name, config.optimizer.params) is None:
+        return  # the optimizer class is not available: build() says so
+    in_shape, out_features = data_shapes(config.data, images=config.model.kind == "cnn")
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(config.model, in_shape, out_features)
+        optimizer = build_optimizer(config, model, build_loss(config))
+    close = getattr(optimizer, "close", None)  # curvopt's optimizers: remove their hooks
+    if callable(close):
+        close()
 
 
 # ---------------------------------------------------------------------------------- models
@@ -244,7 +278,8 @@ def schedule_factor(config: ScheduleConfig, total_steps: int) -> Callable[[int],
         span = max(1, total_steps - config.warmup_steps - 1)
         frac = min(1.0, t / span)
         if config.name == "cosine":
-            return config.min_factor + (1 - config.min_factor) * 0.5 * (1 + math.cos(math.pi * frac))
+            cos = 0.5 * (1 + math.cos(math.pi * frac))
+            return config.min_factor + (1 - config.min_factor) * cos
         if config.name == "linear":
             return 1 - (1 - config.min_factor) * frac
         if config.name == "step":
@@ -260,7 +295,8 @@ def build_scheduler(
     config: RecipeConfig, optimizer: torch.optim.Optimizer, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` over the recipe's schedule."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(config.schedule, total_steps))
+    factor = schedule_factor(config.schedule, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ----------------------------------------------------------------------------------- build

@@ -10,6 +10,7 @@ tracking steps); step 0 is the evaluation before training.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import math
 import sys
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from curvopt.recipes.build import OPTIMIZERS, Built, build
+from curvopt.recipes.builder import OPTIMIZERS, Built, build
 from curvopt.recipes.output import atomic_dir, format_table, to_toml, write_jsonl
 from curvopt.recipes.plots import plot_runs
 from curvopt.recipes.quantities import collect_fn, extension_for, read, summarize
@@ -148,7 +149,9 @@ def _progress_bar(total: int, desc: str, progress: bool | None) -> Any:
     return tqdm(total=total, desc=desc, disable=disable, dynamic_ncols=True, leave=True)
 
 
-def train(config: RecipeConfig, progress: bool | None = None, echo: Echo | None = print) -> RunResult:
+def train(
+    config: RecipeConfig, progress: bool | None = None, echo: Echo | None = print
+) -> RunResult:
     """Train the recipe and return its metrics (nothing is written).
 
     Args:
@@ -162,11 +165,10 @@ def train(config: RecipeConfig, progress: bool | None = None, echo: Echo | None 
     """
     built = build(config)
     tracker = _Tracker(built)
-    model, loss_fn, optimizer, data = built
+    optimizer, data = built.optimizer, built.data
     total = built.total_steps
-    n_train = data.x_train.shape[0]
-    bs = min(config.train.batch_size, n_train)
-    batches = data.batches(bs, torch.Generator().manual_seed(config.train.seed))
+    batches = data.batches(config.train.batch_size,
+                           torch.Generator().manual_seed(config.train.seed))
     log_every = config.train.log_every or max(1, total // 10)
     records: list[dict[str, Any]] = [{
         "step": 0, "epoch": 0.0, "train_loss": None, "train_acc": None, **_evaluate(built),
@@ -177,7 +179,7 @@ def train(config: RecipeConfig, progress: bool | None = None, echo: Echo | None 
     started = time.perf_counter()
     try:
         for step in range(1, total + 1):
-            _, x, y = next(batches)
+            epoch, x, y = next(batches)
             t0 = time.perf_counter()
             out, loss = _step(built, tracker, step, x, y)
             step_time = time.perf_counter() - t0
@@ -185,7 +187,7 @@ def train(config: RecipeConfig, progress: bool | None = None, echo: Echo | None 
             built.scheduler.step()
             train_loss = float(loss.detach())
             rec: dict[str, Any] = {
-                "step": step, "epoch": round(step * bs / n_train, 4), "train_loss": train_loss,
+                "step": step, "epoch": round(epoch, 4), "train_loss": train_loss,
                 "train_acc": (float((out.detach().argmax(1) == y).float().mean())
                               if data.task == "classification" else None),
                 "test_loss": None, "test_acc": None, "lr": lr, "step_time": step_time,
@@ -338,16 +340,16 @@ def compare(configs: Sequence[RecipeConfig], out: str | Path | None = None,
     names = _unique_names(configs)
     out = Path(out) if out is not None else default_out(names)
     results = []
-    for cfg, name in zip(configs, names):
+    for cfg, name in zip(configs, names, strict=True):
         result = train(cfg, progress=progress, echo=echo)
         _retarget(result, target_acc, target_loss)
         result.summary["name"] = name
         results.append(result)
     with atomic_dir(out) as tmp:
-        for name, result in zip(names, results):
+        for name, result in zip(names, results, strict=True):
             _write_run(result, tmp / name)
-        plot_runs([(n, r.records) for n, r in zip(names, results)], tmp / "compare.png",
-                  title="compare: " + ", ".join(names))
+        curves = [(n, r.records) for n, r in zip(names, results, strict=True)]
+        plot_runs(curves, tmp / "compare.png", title="compare: " + ", ".join(names))
         rows = [r.summary for r in results]
         _write_csv(tmp / "summary.csv", rows)
         (tmp / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -355,8 +357,6 @@ def compare(configs: Sequence[RecipeConfig], out: str | Path | None = None,
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    import csv
-
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
