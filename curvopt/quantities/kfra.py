@@ -16,10 +16,15 @@ each layer's output only through the next layer's output.  That is verified
 numerically (the gradient passed back through the segment must equal the
 gradient autograd delivers); residual connections and branches fail the
 check with a clear error.  :math:`\\bar H` is a dense ``[D, D]`` matrix over
-a sample's output elements, refused above :data:`MAX_KFRA_DIM`.
+a sample's output elements: where it would be too large (:data:`MAX_KFRA_DIM`,
+:data:`MAX_KFRA_FLOPS`; e.g. the early layers of a CNN on 32×32 images) the
+recursion stops with a warning naming the skipped layers, and the other
+requested quantities are unaffected.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -29,7 +34,10 @@ from ..engine.distributed import Factors
 from ..errors import UnsupportedModuleError
 from .second_order import grads, kronecker
 
+#: KFRA stops (with a warning) above a layer whose dense H̄ is larger than this per side ...
 MAX_KFRA_DIM = 8192
+#: ... or whose recursion step (columns × N × D²) would cost more than this many FLOPs.
+MAX_KFRA_FLOPS = 4e10
 
 
 def _sqrt_psd(H: torch.Tensor) -> torch.Tensor:
@@ -63,12 +71,19 @@ def propagate(col, lrec, recs, g_out):
         if g_true is None:
             continue
         D = r.output[0].numel()
-        if D > MAX_KFRA_DIM:
-            raise UnsupportedModuleError(
-                f"KFRA: the output of layer '{r.name}' has {D} elements per sample; KFRA's "
-                f"dense {D}x{D} output Hessian exceeds the limit ({MAX_KFRA_DIM}). Use KFLR "
-                "or KFAC for this network."
+        rank = H.shape[0]  # upper bound of the number of columns sent back
+        if D > MAX_KFRA_DIM or rank * N * D * D > MAX_KFRA_FLOPS:
+            skipped = [x.name for x in recs[: recs.index(r) + 1]]
+            warnings.warn(
+                f"KFRA: the output of layer '{r.name}' has {D} elements per sample; the dense "
+                f"{D}x{D} batch-averaged Hessian there (and below) would cost about "
+                f"{rank * N * D * D / 1e9:.0f} GFLOP. KFRA is skipped for layers "
+                f"{', '.join(repr(x) for x in skipped)} (no 'kfra' attribute); the other "
+                "quantities are unaffected. Use KFLR or KFAC for these layers.",
+                RuntimeWarning,
+                stacklevel=2,
             )
+            return
         (g_pass,) = torch.autograd.grad(src, r.edge, src_grad, retain_graph=True)
         if not torch.allclose(g_pass, g_true, rtol=1e-5, atol=1e-8 * g_true.abs().max().item()):
             raise UnsupportedModuleError(
