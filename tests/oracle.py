@@ -333,6 +333,7 @@ def kron_G(
     layer: nn.Module,
     channel_axis: int,
     positions: str,
+    row_weights: Tensor | None = None,
 ) -> Tensor:
     """Output-side Kronecker factor ``G`` of KFLR from its definition.
 
@@ -346,12 +347,15 @@ def kron_G(
       summed over positions, then outer product = the exact GGN of a bias added
       at every position; BackPACK's convolution convention, ``einsum('cbij->cbi')``).
 
-    Both coincide for a single position (Linear on 2-D inputs).
+    Both coincide for a single position (Linear on 2-D inputs).  ``row_weights``
+    (``[N, P]``, expand only) weights the rows, e.g. to drop padding rows.
     """
     _, z0 = capture_io(model, layer, X)
     M = layer_output_ggn(model, loss_fn, X, y, layer)
     M6 = _to_ncp(M, z0.shape, channel_axis)
     if positions == "expand":
+        if row_weights is not None:
+            return torch.einsum("napnbp,np->ab", M6, row_weights.to(M6.dtype))
         return torch.einsum("napnbp->ab", M6)
     if positions == "sum":
         return torch.einsum("napnbq->ab", M6)
@@ -366,9 +370,16 @@ def linear_A(model: nn.Module, layer: nn.Linear, X: Tensor) -> Tensor:
 
 
 def embedding_A(model: nn.Module, layer: nn.Embedding, X: Tensor) -> Tensor:
-    """``A = sum_{rows} e e^T / rows`` of the one-hot indices (a diagonal of counts)."""
+    """``A = sum_{rows} e e^T / rows`` of the one-hot indices (a diagonal of counts).
+
+    Rows of ``padding_idx`` contribute nothing to the numerator (torch's embedding
+    backward never sends gradient to that row, so its GGN rows and columns are
+    exactly zero) but count in ``rows``.
+    """
     idx, _ = capture_io(model, layer, X)
     onehot = F.one_hot(idx.reshape(-1), layer.num_embeddings).to(layer.weight.dtype)
+    if layer.padding_idx is not None:
+        onehot[:, layer.padding_idx] = 0
     return onehot.T @ onehot / onehot.shape[0]
 
 
@@ -487,7 +498,7 @@ def conv_from_unfold(layer: nn.Module, x: Tensor) -> Tensor:
 
 
 def kfra_factors(
-    model: nn.Sequential, loss_fn: nn.Module, X: Tensor, y: Tensor
+    model: nn.Sequential, loss_fn: nn.Module, X: Tensor, y: Tensor, conv_positions: str = "sum"
 ) -> dict[str, list[Tensor]]:
     """KFRA factors of a ``nn.Sequential`` from the recursive definition (Botev et al. 2017).
 
@@ -495,8 +506,9 @@ def kfra_factors(
     ``[D, D]``); through every module ``Hbar_in = (1/N) sum_n J_n^T Hbar_out J_n``
     with ``J_n`` the per-sample Jacobian of the module at its input.  A Linear's
     ``G`` is ``Hbar`` at its output; a convolution's ``G`` sums ``Hbar`` over all
-    pairs of output positions (``[C, S, C, S].sum((1, 3))``, BackPACK's
-    convention).  ``A`` / ``Omega`` as for KFLR.  Biases: ``[G]``.
+    pairs of output positions (``conv_positions='sum'``: ``[C, S, C, S].sum((1, 3))``,
+    BackPACK's convention) or over the diagonal pairs only (``'expand'``).
+    ``A`` / ``Omega`` as for KFLR.  Biases: ``[G]``.
     """
     inputs = []
     x = X
@@ -523,7 +535,13 @@ def kfra_factors(
         elif isinstance(m, (nn.modules.conv._ConvNd,)):
             z_shape = m(inputs[i][:1]).shape
             C, S = z_shape[1], math.prod(z_shape[2:])
-            G = Hbar.reshape(C, S, C, S).sum((1, 3))
+            H4 = Hbar.reshape(C, S, C, S)
+            if conv_positions == "sum":
+                G = H4.sum((1, 3))
+            elif conv_positions == "expand":
+                G = torch.einsum("apbp->ab", H4)
+            else:
+                raise ValueError(conv_positions)
             if isinstance(m, nn.modules.conv._ConvTransposeNd):
                 U = unfold_conv_transpose(m, inputs[i])
             else:

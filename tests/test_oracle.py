@@ -263,6 +263,25 @@ def test_kron_embedding_one_sample_is_exact_block():
     close(torch.kron(A, G), oracle.block(G_full, model, "0.weight"))
 
 
+@pytest.mark.parametrize("index", [1, 2])
+def test_kron_embedding_padding_idx_one_sample(index):
+    """padding_idx row: zero GGN block and zero A entry; other rows exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(4, 3, padding_idx=2), nn.Tanh(), nn.Linear(3, 3)).to(DT)
+    X = torch.tensor([index])
+    y = torch.tensor([0])
+    loss_fn = nn.CrossEntropyLoss()
+    G_full = oracle.ggn_matrix(model, loss_fn, X, y)
+    A = oracle.embedding_A(model, model[0], X)
+    G = oracle.kron_G(model, loss_fn, X, y, model[0], -1, "expand")
+    blk = oracle.block(G_full, model, "0.weight")
+    close(torch.kron(A, G), blk)
+    if index == 2:
+        assert blk.abs().max() == 0 and A.abs().max() == 0
+    else:
+        assert blk.abs().max() > 0
+
+
 @pytest.mark.parametrize(
     "make,shape",
     [
@@ -369,3 +388,12 @@ def test_all_cases_have_small_parameter_counts():
     for case in ALL_CASES:
         model, _ = case.build(2)
         assert sum(p.numel() for p in model.parameters()) < 400, case.name
+
+
+@pytest.mark.parametrize("case_name", ["maxpool2d", "avgpool2d", "conv1d", "adaptivemax2d"])
+@pytest.mark.parametrize("positions", ["sum", "expand"])
+def test_kfra_cnn_one_sample_equals_kflr(case_name, positions):
+    model, loss_fn, X, y = setup(CASES_BY_NAME[case_name], LossSpec("ce"), N=1)
+    kfra = oracle.kfra_factors(model, loss_fn, X, y, positions)
+    close(kfra["0.weight"][0], oracle.kron_G(model, loss_fn, X, y, model[0], 1, positions))
+    close(kfra["0.weight"][1], oracle.conv_Omega(model, model[0], X))

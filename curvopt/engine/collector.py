@@ -67,11 +67,26 @@ class Record:
     done: bool = False
     columns: dict = field(default_factory=dict)  # kind -> [K, *output.shape]
     _layouts: dict | None = None
+    order: int = 0
+
+    @property
+    def shape(self):
+        return tuple(self.output.shape)
 
     def layouts(self):
         if self._layouts is None:
             self._layouts = self.rule.layouts(self.module, self.args, self.kwargs, self.output)
         return self._layouts
+
+
+@dataclass(eq=False)
+class Boundary:
+    """Output of a parameter-free leaf module: where KFRA averages over the batch."""
+
+    name: str
+    edge: object
+    shape: tuple
+    order: int
 
 
 @dataclass(eq=False)
@@ -136,7 +151,7 @@ class Collector:
     """
 
     def __init__(self, model: nn.Module, loss_fn=None, extensions=(), set_attributes=True,
-                 distributed="auto", gather=False):
+                 distributed="auto", gather=False, single_backward=False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"collect: model must be an nn.Module, got {type(model).__name__}")
         self.model = model
@@ -144,8 +159,12 @@ class Collector:
         self.set_attributes = set_attributes
         self.distributed = distributed
         self.gather = gather
+        self.single_backward = single_backward
+        self._backwards = 0
         self._handles: list = []
         self._pending: list[Record] = []
+        self._boundaries: list[Boundary] = []  # parameter-free module outputs (KFRA only)
+        self._order = 0
         self._loss_records: list[LossRecord] = []
         self._queued = False
         self._nested = False
@@ -207,6 +226,9 @@ class Collector:
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 self._handles.append(module.register_forward_pre_hook(self._bn_check(name)))
             if not own:
+                if not any(True for _ in module.children()):
+                    # parameter-free leaf (activation, pooling, ...): a KFRA boundary
+                    self._handles.append(module.register_forward_hook(self._boundary_hook(name)))
                 continue
             rule = rules.lookup(module)
             if getattr(rule, "covers_subtree", False) and name:
@@ -224,6 +246,7 @@ class Collector:
             h.remove()
         self._handles.clear()
         self._pending.clear()
+        self._boundaries.clear()
         self._loss_records.clear()
         _ACTIVE.discard(self.model)
 
@@ -242,6 +265,18 @@ class Collector:
 
         return hook
 
+    def _boundary_hook(self, name):
+        def hook(module, args, output):
+            if KFRA not in self._by_type or not torch.is_grad_enabled() or self._computing:
+                return
+            if torch.is_tensor(output) and output.requires_grad:
+                self._order += 1
+                self._boundaries.append(
+                    Boundary(name, get_gradient_edge(output), tuple(output.shape), self._order)
+                )
+
+        return hook
+
     def _forward_hook(self, name, rule):
         def hook(module, args, kwargs, output):
             if not self._extensions or not torch.is_grad_enabled() or self._computing:
@@ -254,6 +289,8 @@ class Collector:
                 kwargs={k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()},
                 output=out.detach(), edge=get_gradient_edge(out),
             )
+            self._order += 1
+            rec.order = self._order
             self._pending.append(rec)
             out.register_hook(_weak(self, "_grad_hook", rec))
 
@@ -267,6 +304,12 @@ class Collector:
                 f"backward reached layer '{rec.name}' a second time for the same forward pass "
                 "inside collect (retain_graph and a second backward?). Quantities are "
                 "computed once per forward+backward: run a new forward before each backward."
+            )
+        if self.single_backward and self._backwards:
+            raise CollectError(
+                "a second backward pass inside one `with curvopt.collect(...)` block: the "
+                "results of the first would be overwritten. Use one collect block per "
+                "forward+backward, or a long-lived curvopt.Collector for a training loop."
             )
         rec.grad = g.detach()
         self._queue()
@@ -318,8 +361,10 @@ class Collector:
     # -------------------------------------------------------------------------- finalize
     def _finalize(self):
         self._queued = False
+        self._backwards += 1
         recs = [r for r in self._pending if r.grad is not None and not r.done]
         self._pending = [r for r in self._pending if r.grad is None and not r.done]
+        self._boundaries = []
         self._loss_records.clear()
         for r in recs:
             r.done = True
@@ -427,14 +472,15 @@ def collect(model: nn.Module, loss_fn=None, *extensions: Extension, set_attribut
         model[0].weight.grad_batch, model[0].weight.kflr
 
     Hooks are installed on entry and all removed on exit, also when the body
-    raises.  ``loss_fn`` may be ``None`` when only first-order quantities are
+    raises.  One backward pass per block: a second raises :class:`CollectError`
+    (use a :class:`Collector` for a loop).  ``loss_fn`` may be ``None`` when only first-order quantities are
     requested.  Yields the :class:`Collector` (``.results`` keyed by parameter name).
     """
     if isinstance(loss_fn, Extension):
         extensions = (loss_fn, *extensions)
         loss_fn = None
     col = Collector(model, loss_fn, extensions, set_attributes=set_attributes,
-                    distributed=distributed, gather=gather)
+                    distributed=distributed, gather=gather, single_backward=True)
     col.attach()
     try:
         yield col

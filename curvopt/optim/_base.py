@@ -43,7 +43,6 @@ with (``torch.optim`` would cast float64 caches of a float32 model to float32).
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from collections.abc import Iterable
@@ -70,8 +69,18 @@ from ..extensions import (
 __all__ = ["CurvatureOptimizer", "parse_track", "ALL_EXTENSIONS"]
 
 #: The ten quantities, in the order ``track="all"`` requests them.
-ALL_EXTENSIONS = (BatchGrad, SumGradSquared, Variance, BatchL2Grad, DiagGGNExact, DiagGGNMC,
-                  KFAC, KFLR, KFRA, DiagHessian)
+ALL_EXTENSIONS = (
+    BatchGrad,
+    SumGradSquared,
+    Variance,
+    BatchL2Grad,
+    DiagGGNExact,
+    DiagGGNMC,
+    KFAC,
+    KFLR,
+    KFRA,
+    DiagHessian,
+)
 _MC = (KFAC, DiagGGNMC)
 
 
@@ -143,14 +152,26 @@ def _copy_to(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _all_finite(value: Any) -> bool:
+def _sums(value: Any, out: list) -> list:
+    """Append one scalar per floating tensor in ``value`` (NaN/inf propagate through a sum)."""
     if isinstance(value, Tensor):
-        return not value.is_floating_point() or bool(torch.isfinite(value).all())
-    if isinstance(value, (list, tuple)):
-        return all(_all_finite(v) for v in value)
-    if isinstance(value, dict):
-        return all(_all_finite(v) for v in value.values())
-    return True
+        if value.is_floating_point():
+            out.append(value.detach().sum().to(torch.float64))
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _sums(v, out)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _sums(v, out)
+    return out
+
+
+def _all_finite(value: Any) -> bool:
+    """Whether every floating tensor in ``value`` is finite (one device sync for all of them)."""
+    sums = _sums(value, [])
+    if not sums:
+        return True
+    return bool(torch.isfinite(torch.stack(sums)).all())
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -200,6 +221,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self._mc_seed = int(seed)
         self._mc_rng: dict[str, Tensor] = {}
+        self._mc_rng_before: dict[str, Tensor] | None = None  # for undoing a skipped step
         self._saved_user_rng: tuple[torch.device, Tensor] | None = None
         self._mc_scheduled = False
         self._last_loss: Tensor | None = None
@@ -232,6 +254,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._batch_size = int(args[0].shape[0])
 
     def _rng_in_hook(self, module, args, output):
+        # Runs before the engine's loss hook.  A non-finite loss would make the engine's
+        # second-order backward fail (MC sampling from NaN probabilities) or return NaN
+        # statistics: switch the engine off for this pass; step() then skips the step.
+        if (
+            torch.is_grad_enabled()
+            and isinstance(output, Tensor)
+            and output.requires_grad
+            and any(e.needs_loss for e in self._collector.extensions)
+            and not bool(torch.isfinite(output).all())
+        ):
+            self._collector.extensions = ()
+            self._mc_scheduled = False
+            return
         if self._mc_scheduled and torch.is_grad_enabled() and args:
             o = args[0]
             if isinstance(o, Tensor) and o.requires_grad:
@@ -265,6 +300,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _swap_in_rng(self, device: torch.device) -> None:
         if self._saved_user_rng is not None:
             return
+        if self._mc_rng_before is None:
+            self._mc_rng_before = dict(self._mc_rng)
         key = _rng_key(device)
         state = self._mc_rng.get(key)
         if state is None:
@@ -339,9 +376,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         bad = None
         if checked_loss is not None and not bool(torch.isfinite(checked_loss).all()):
             bad = "loss"
-        elif not all(bool(torch.isfinite(p.grad).all()) for p in params):
+        elif not _all_finite([p.grad for p in params]):
             bad = "gradient"
-        elif stats is not None and not all(_all_finite(v) for v in stats.values()):
+        elif stats is not None and not _all_finite(list(stats.values())):
             bad = "curvature statistic"
         if bad is not None:
             warnings.warn(
@@ -352,6 +389,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
             if stats is not None:
                 self._consumed_results = self._collector.results
+            if self._mc_rng_before is not None:  # the skipped pass drew no samples
+                self._mc_rng = self._mc_rng_before
+            self._mc_rng_before = None
             self._last_loss = None
             self._schedule()
             return loss
@@ -363,6 +403,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         step = self._global_step + 1
         if self._update(step, stats, loss, closure) is not False:
             self._global_step = step
+        self._mc_rng_before = None
         self._last_loss = None
         self._schedule()
         return loss
@@ -385,7 +426,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         pass
 
     def state_dict(self) -> dict:
-        """``torch.optim``'s state dict plus a ``"curvopt"`` entry (step counter, MC RNG state, ...)."""
+        """``torch.optim``'s state dict plus a ``"curvopt"`` entry (step count, MC RNG, ...)."""
         sd = super().state_dict()
         sd["curvopt"] = {
             "global_step": self._global_step,
@@ -403,7 +444,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         super().load_state_dict(state_dict)
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        for idx, p in zip(saved_ids, params):
+        for idx, p in zip(saved_ids, params, strict=True):
             if idx in saved_state:
                 self.state[p] = _copy_to(saved_state[idx], p.device)
         if extra is not None:
@@ -412,10 +453,5 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._mc_rng = {k: v.clone() for k, v in extra["mc_rng"].items()}
             self._load_extra_state(extra)
         self._consumed_results = self._collector.results
+        self._mc_rng_before = None
         self._schedule()
-
-    # ------------------------------------------------------------------------- helpers
-    @staticmethod
-    def _finite_float(x: Any) -> float:
-        x = float(x)
-        return x if math.isfinite(x) else math.nan

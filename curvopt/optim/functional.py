@@ -73,7 +73,7 @@ def ema(average: Tensor | None, sample: Tensor, decay: float) -> Tensor:
 
 
 def bias_correction(decay: float, count: int) -> float:
-    """:math:`1 - \\beta^t`, the normaliser of a zero-initialised running average after ``t`` updates."""
+    """:math:`1 - \\beta^t`: normaliser of a zero-initialised average after ``t`` updates."""
     return 1.0 - decay**count
 
 
@@ -115,7 +115,9 @@ def kronecker_dims(shape: Sequence[int], factors: Sequence[Tensor]) -> list[int]
     dims = []
     for F in factors:
         if F.ndim != 2 or F.shape[0] != F.shape[1]:
-            raise ValueError(f"Kronecker factor must be a square matrix, got shape {tuple(F.shape)}")
+            raise ValueError(
+                f"Kronecker factor must be a square matrix, got shape {tuple(F.shape)}"
+            )
         dims.append(F.shape[0])
     numel = math.prod(shape)
     if math.prod(dims) != numel:
@@ -127,7 +129,10 @@ def kronecker_dims(shape: Sequence[int], factors: Sequence[Tensor]) -> list[int]
 
 
 def _mode_product(mats: Sequence[Tensor], t: Tensor) -> Tensor:
-    """Apply ``mats[i]`` along axis ``i`` of ``t``: :math:`(M_1 \\otimes \\dots \\otimes M_k)\\,\\mathrm{vec}(t)`."""
+    """Apply ``mats[i]`` along axis ``i`` of ``t``.
+
+    That is :math:`(M_1 \\otimes \\dots \\otimes M_k)\\,\\mathrm{vec}(t)` (row-major ``vec``).
+    """
     if len(mats) == 1:
         return mats[0] @ t
     if len(mats) == 2:
@@ -214,9 +219,9 @@ def damped_inverse(F: Tensor, delta: float) -> Tensor:
 
 
 def damped_inverses(factors: Sequence[Tensor], damping: float) -> list[Tensor]:
-    """π-damped inverses of all factors: :math:`[(F_i + \\delta_i I)^{-1}]` with :func:`pi_dampings`."""
+    """π-damped inverses :math:`[(F_i + \\delta_i I)^{-1}]` (:func:`pi_dampings`)."""
     deltas = pi_dampings(factors, damping)
-    return [damped_inverse(F, delta) for F, delta in zip(factors, deltas)]
+    return [damped_inverse(F, delta) for F, delta in zip(factors, deltas, strict=True)]
 
 
 def eigendecomposition(factors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -239,7 +244,8 @@ def eigendecomposition(factors: Sequence[Tensor]) -> tuple[list[Tensor], list[Te
 def precondition_inverses(grad: Tensor, inverses: Sequence[Tensor]) -> Tensor:
     """K-FAC direction with cached damped inverses (row-major ``[G, A]``).
 
-    .. math:: V = (G + \\tfrac{\\sqrt\\lambda}{\\pi} I)^{-1}\\, \\nabla_W\\, (A + \\pi\\sqrt\\lambda I)^{-1}
+    .. math:: V = (G + \\tfrac{\\sqrt\\lambda}{\\pi} I)^{-1}\\, \\nabla_W\\,
+              (A + \\pi\\sqrt\\lambda I)^{-1}
 
     Args:
         grad: the parameter's gradient, any shape with ``numel == prod(d_i)``.
@@ -289,10 +295,13 @@ def precondition_diagonal(grad: Tensor, diagonal: Tensor, damping: float) -> Ten
     return grad / (diagonal.clamp_min(0.0) + damping)
 
 
-def kl_clip_coefficient(inner_products: Sequence[tuple[float, Tensor | float]], kl_clip: float) -> float:
+def kl_clip_coefficient(
+    inner_products: Sequence[tuple[float, Tensor | float]], kl_clip: float
+) -> float:
     """KL clipping of the natural-gradient step (Ba, Grosse & Martens 2017, §5).
 
-    .. math:: \\nu = \\min\\Big(1, \\sqrt{\\frac{\\kappa}{\\sum_l \\eta_l^2\\, \\langle V_l, \\nabla_{W_l}\\rangle}}\\Big)
+    .. math:: \\nu = \\min\\Big(1, \\sqrt{\\frac{\\kappa}
+              {\\sum_l \\eta_l^2\\, \\langle V_l, \\nabla_{W_l}\\rangle}}\\Big)
 
     :math:`\\sum_l \\eta_l^2 \\langle V_l, \\nabla_{W_l}\\rangle` is the
     (approximate) KL divergence between the model's predictive distributions
@@ -364,7 +373,8 @@ def diag_ggn_adam(
     :math:`= \\gamma` the step is clipped elementwise as in Sophia
     (Liu et al. 2023, Alg. 3):
 
-    .. math:: d = \\operatorname{clip}\\big(\\hat m_t \\oslash \\max(\\gamma (\\bar h_k + \\lambda)^p, \\epsilon), 1\\big)
+    .. math:: d = \\operatorname{clip}\\big(\\hat m_t \\oslash
+              \\max(\\gamma (\\bar h_k + \\lambda)^p, \\epsilon), 1\\big)
 
     (Sophia proper: :math:`p = 1`, :math:`\\lambda = 0`.)
 
@@ -421,8 +431,12 @@ def minibatch_gradient_variance(variance: Tensor, batch_size: int) -> Tensor:
 
 
 def msvag_rho(beta: float, t: int) -> float:
-    """:math:`\\rho_t = \\frac{(1-\\beta)^2 (1 - \\beta^{2t})}{(1-\\beta^t)^2 (1 - \\beta^2)}`, so that
-    :math:`\\operatorname{Var}(\\hat m_t) = \\rho_t \\sigma^2` for i.i.d. gradients of variance :math:`\\sigma^2`."""
+    """The variance factor of the bias-corrected momentum average.
+
+    :math:`\\rho_t = \\frac{(1-\\beta)^2 (1 - \\beta^{2t})}{(1-\\beta^t)^2 (1 - \\beta^2)}`, so
+    that :math:`\\operatorname{Var}(\\hat m_t) = \\rho_t \\sigma^2` for i.i.d. gradients of
+    variance :math:`\\sigma^2`.
+    """
     if beta == 0.0:
         return 1.0
     return (1 - beta) ** 2 * (1 - beta ** (2 * t)) / ((1 - beta**t) ** 2 * (1 - beta**2))
@@ -441,7 +455,8 @@ def msvag(
     .. math::
         m_t &= \\beta m_{t-1} + (1-\\beta) g_t, \\qquad \\hat m_t = m_t/(1-\\beta^t)\\\\
         s_t &\\approx \\operatorname{Var}(\\hat m_t)\\\\
-        \\gamma_t &= \\frac{\\hat m_t^2}{\\hat m_t^2 + s_t} \\in [0, 1], \\qquad d = \\gamma_t \\odot \\hat m_t
+        \\gamma_t &= \\frac{\\hat m_t^2}{\\hat m_t^2 + s_t} \\in [0, 1],
+            \\qquad d = \\gamma_t \\odot \\hat m_t
 
     :math:`\\gamma` is the variance-adapted factor that minimises the expected
     squared distance of :math:`\\gamma \\hat m` to the true gradient.  Two

@@ -40,7 +40,8 @@ class KFACOptimizer(CurvatureOptimizer):
              (\\bar A + \\pi\\sqrt\\lambda I)^{-1},
         \\quad \\pi = \\sqrt{\\tfrac{\\operatorname{tr}\\bar A/d_A}{\\operatorname{tr}\\bar G/d_G}}
         \\qquad (\\text{inverses recomputed every } T_i \\text{ steps}) \\\\
-        \\nu &= \\min\\Big(1, \\sqrt{\\kappa \\big/ \\textstyle\\sum_l \\eta_l^2 \\langle V_l, \\nabla_{W_l}\\rangle}\\Big)
+        \\nu &= \\min\\Big(1, \\sqrt{\\kappa \\big/
+              \\textstyle\\sum_l \\eta_l^2 \\langle V_l, \\nabla_{W_l}\\rangle}\\Big)
         \\qquad \\text{(KL clipping)} \\\\
         b &\\leftarrow \\mu b + \\nu V, \\qquad
         W \\leftarrow (1 - \\eta\\omega) W - \\eta\\, b .
@@ -65,7 +66,8 @@ class KFACOptimizer(CurvatureOptimizer):
     after the update and λ follows the Levenberg-Marquardt rule of Martens &
     Grosse (2015, §6.5) on the reduction ratio
     :math:`\\rho = (h(\\theta+\\delta) - h(\\theta)) / M(\\delta)`, with the
-    quadratic model :math:`M(\\delta) = \\nabla h^\\top\\delta + \\tfrac12\\delta^\\top(\\bar C + \\lambda I)\\delta`
+    quadratic model :math:`M(\\delta) = \\nabla h^\\top\\delta
+    + \\tfrac12\\delta^\\top(\\bar C + \\lambda I)\\delta`
     of the running-average curvature; :math:`\\omega = ` ``damping_adaptation_decay``.
     In ``"pi"`` mode a new λ takes effect at the next inverse update.
 
@@ -83,7 +85,13 @@ class KFACOptimizer(CurvatureOptimizer):
             these steps (other steps are plain backward passes).
         inverse_update_freq: :math:`T_i`.
         damping_mode: ``"pi"`` or ``"eigen"``.
-        kl_clip: :math:`\\kappa`, or ``None`` for no clipping.
+        kl_clip: :math:`\\kappa`, or ``None`` for no clipping.  The default
+            ``1e-2`` was chosen by measurement: on mini-batch digits MLPs it
+            reached target losses in 2-3x fewer steps than ``1e-3`` (the value of
+            Ba et al. and kfac-pytorch, which clips most steps early in
+            training), while ``None`` diverged for ``damping <= 1e-2`` at
+            ``inverse_update_freq=10``.  With clipping active the step length
+            is set by :math:`\\kappa` rather than ``lr``.
         momentum: :math:`\\mu` (per group).
         weight_decay: :math:`\\omega`, decoupled (per group).
         base_optimizer: optional ``torch.optim`` / ``torch_optimizer`` class; it
@@ -118,7 +126,7 @@ class KFACOptimizer(CurvatureOptimizer):
         factor_update_freq: int = 1,
         inverse_update_freq: int = 10,
         damping_mode: str = "pi",
-        kl_clip: float | None = 1e-3,
+        kl_clip: float | None = 1e-2,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         base_optimizer: type | None = None,
@@ -137,10 +145,12 @@ class KFACOptimizer(CurvatureOptimizer):
             raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
         if fallback not in ("diag_ggn", "error"):
             raise ValueError(f"fallback must be 'diag_ggn' or 'error', got {fallback!r}")
-        for name, v in (("factor_update_freq", factor_update_freq),
-                        ("inverse_update_freq", inverse_update_freq),
-                        ("damping_adaptation_interval", damping_adaptation_interval),
-                        ("mc_samples", mc_samples)):
+        for name, v in (
+            ("factor_update_freq", factor_update_freq),
+            ("inverse_update_freq", inverse_update_freq),
+            ("damping_adaptation_interval", damping_adaptation_interval),
+            ("mc_samples", mc_samples),
+        ):
             if int(v) < 1 or int(v) != v:
                 raise ValueError(f"{name} must be a positive integer, got {v}")
         if not damping > 0:
@@ -171,8 +181,13 @@ class KFACOptimizer(CurvatureOptimizer):
         self.min_damping = float(min_damping)
         self._needs_diag = False
         self._warned_missing: set[int] = set()
-        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
-                        factor_decay=factor_decay)
+        defaults = dict(
+            lr=lr,
+            damping=damping,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            factor_decay=factor_decay,
+        )
         super().__init__(model, loss_fn, defaults, params=params, track=track, seed=seed)
         self.base_optimizer = None
         if base_optimizer is not None:
@@ -227,7 +242,11 @@ class KFACOptimizer(CurvatureOptimizer):
 
     # --------------------------------------------------------------------------- step
     def _update(self, step, stats, loss, closure):
-        if self.adaptive_damping and closure is None and step % self.damping_adaptation_interval == 0:
+        if (
+            self.adaptive_damping
+            and closure is None
+            and step % self.damping_adaptation_interval == 0
+        ):
             raise ValueError("KFACOptimizer(adaptive_damping=True) needs step(closure)")
         factor_due = self._factor_due(step) and stats is not None
         if self._factor_due(step) and stats is None:
@@ -245,8 +264,9 @@ class KFACOptimizer(CurvatureOptimizer):
                 if p.grad is None:
                     continue
                 st = self._param_state(p)
-                if factor_due and not self._update_factors(p, st, stats.get(p, {}),
-                                                           group["factor_decay"]):
+                if factor_due and not self._update_factors(
+                    p, st, stats.get(p, {}), group["factor_decay"]
+                ):
                     missing.append(p)
                 blk = self._block(st)
                 if blk is None:
@@ -268,8 +288,9 @@ class KFACOptimizer(CurvatureOptimizer):
                 )
         if not items:
             if self._global_step == 0:
-                warnings.warn("KFACOptimizer: no curvature yet; step skipped.", RuntimeWarning,
-                              stacklevel=3)
+                warnings.warn(
+                    "KFACOptimizer: no curvature yet; step skipped.", RuntimeWarning, stacklevel=3
+                )
                 return False
             return None
 
@@ -298,13 +319,13 @@ class KFACOptimizer(CurvatureOptimizer):
 
     def _base_step(self, items, nu):
         saved = []
-        for group, p, _, V in items:
+        for _, p, _, V in items:
             saved.append((p, p.grad))
             p.grad = V if nu == 1.0 else nu * V
         # parameters without curvature yet are not moved by the base optimizer either
         moved = {id(p) for _, p, _, _ in items}
         hidden = []
-        for g_self, g_base in zip(self.param_groups, self.base_optimizer.param_groups):
+        for g_self, g_base in zip(self.param_groups, self.base_optimizer.param_groups, strict=True):
             g_base["lr"] = g_self["lr"]
             for p in g_self["params"]:
                 if p.grad is not None and id(p) not in moved:
@@ -320,7 +341,7 @@ class KFACOptimizer(CurvatureOptimizer):
         """Levenberg-Marquardt update of every group's damping from the reduction ratio."""
         with torch.no_grad():
             model_change = 0.0
-            for (group, p, st, _), p_old in zip(items, old):
+            for (group, p, st, _), p_old in zip(items, old, strict=True):
                 delta = p.detach() - p_old
                 blk = self._block(st)
                 c_delta = blk.curvature_matvec(delta)

@@ -36,7 +36,7 @@ DAMPING_MODES = ("pi", "eigen")
 
 
 class KroneckerBlock:
-    """Kronecker-factored curvature :math:`C \\approx \\bar F_1 \\otimes \\dots \\otimes \\bar F_k` of one parameter.
+    """Kronecker-factored curvature of a parameter, :math:`\\bar F_1 \\otimes \\dots`.
 
     Args:
         state: the parameter's optimizer state dict (read and written in place).
@@ -59,13 +59,16 @@ class KroneckerBlock:
         return self.state.get("factors")
 
     def update_factors(self, raw: Sequence[Tensor], decay: float) -> None:
-        """:math:`\\bar F_i \\leftarrow \\varepsilon \\bar F_i + (1-\\varepsilon) F_i` (first call: copy)."""
+        """Running average :math:`\\bar F_i \\leftarrow \\varepsilon \\bar F_i + (1-\\varepsilon) F_i`.
+
+        The first call copies the raw factors.
+        """
         old = self.state.get("factors")
         if old is not None and len(old) != len(raw):
             raise ValueError(f"got {len(raw)} factors, the running average has {len(old)}")
         self.state["factors"] = [
             F.ema(None if old is None else o, r.detach(), decay)
-            for o, r in zip(old if old is not None else [None] * len(raw), raw)
+            for o, r in zip(old if old is not None else [None] * len(raw), raw, strict=True)
         ]
         self.state["factor_updates"] = self.state.get("factor_updates", 0) + 1
 
@@ -101,7 +104,7 @@ class KroneckerBlock:
         )
 
     def curvature_matvec(self, v: Tensor) -> Tensor:
-        """:math:`(\\bar F_1 \\otimes \\dots)\\, v` with the running averages (for the quadratic model)."""
+        """:math:`(\\bar F_1 \\otimes \\dots)\\, v` with the running averages (quadratic model)."""
         return F.kronecker_matvec([f.to(v.dtype) for f in self.factors], v)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import torch.distributed as dist
 from torch import nn
 
 from ..extensions import Variance
@@ -22,7 +24,7 @@ class VarianceAdaptiveSGD(CurvatureOptimizer):
 
     .. math::
         \\sigma_t^2 &= \\frac{N^2}{N-1}\\,\\texttt{variance}_t
-            \\qquad\\text{(variance of this mini-batch's gradient, from the engine's } \\texttt{Variance)}\\\\
+            \\qquad\\text{(this mini-batch gradient's variance, engine's } \\texttt{Variance)}\\\\
         m_t &= \\beta m_{t-1} + (1-\\beta) g_t, \\qquad \\hat m_t = m_t/(1-\\beta^t)\\\\
         u_t &= \\beta^2 u_{t-1} + (1-\\beta)^2 \\sigma_t^2, \\qquad s_t = u_t / (1-\\beta^t)^2
             = \\operatorname{Var}(\\hat m_t)\\\\
@@ -43,7 +45,10 @@ class VarianceAdaptiveSGD(CurvatureOptimizer):
     Args:
         model: the model.
         loss_fn: the loss module (may be ``None``: only first-order quantities are used).
-        lr: :math:`\\eta` (per group).
+        lr: :math:`\\eta` (per group).  :math:`\\hat m` is an average of
+            gradients (not a sum as in ``torch.optim.SGD``'s momentum buffer),
+            so learning rates are :math:`1/(1-\\beta)` times those of SGD with
+            momentum; the best on the digits problems were 1-3.
         momentum: :math:`\\beta` (per group).
         params: parameters or parameter groups.
         variance: ``"batch"`` or ``"ema"``.
@@ -58,7 +63,7 @@ class VarianceAdaptiveSGD(CurvatureOptimizer):
         self,
         model: nn.Module,
         loss_fn: nn.Module | None = None,
-        lr: float = 0.1,
+        lr: float = 0.5,
         momentum: float = 0.9,
         *,
         params=None,
@@ -80,8 +85,29 @@ class VarianceAdaptiveSGD(CurvatureOptimizer):
     def _extensions_for_step(self, step):
         return (Variance(),) if self.variance == "batch" else ()
 
+    def _global_batch_size(self) -> int:
+        """N of the last backward: the engine's if it reports one, else the model input's first
+        dimension (times the world size when the engine reduces over torch.distributed)."""
+        n = getattr(self._collector, "batch_size", None)
+        if n is None:
+            n = self._batch_size or 1
+            if (
+                getattr(self._collector, "distributed", None) == "auto"
+                and dist.is_available()
+                and dist.is_initialized()
+            ):
+                n *= dist.get_world_size()
+        return int(n)
+
     def _update(self, step, stats, loss, closure):
-        n = self._batch_size or 1
+        n = self._global_batch_size()
+        if self.variance == "batch" and stats is None and self._global_step > 0:
+            warnings.warn(
+                "VarianceAdaptiveSGD: no gradient variance from a backward pass for this "
+                "step (step() without a new backward?); nothing moved.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         moved = False
         for group in self.param_groups:
             for p in group["params"]:
@@ -96,17 +122,20 @@ class VarianceAdaptiveSGD(CurvatureOptimizer):
                     sigma2 = F.minibatch_gradient_variance(var, n)
                 inner = {k: st[k] for k in ("exp_avg", "var_avg", "exp_avg_sq") if k in st}
                 inner["step"] = int(st["step"].item())
-                d, new = F.msvag(p.grad, sigma2, inner, beta=group["momentum"], variance=self.variance)
+                d, new = F.msvag(
+                    p.grad, sigma2, inner, beta=group["momentum"], variance=self.variance
+                )
                 for k in ("exp_avg", "var_avg", "exp_avg_sq", "gamma"):
                     if k in new:
                         st[k] = new[k]
                 st["step"] += 1
                 p.copy_(F.apply_update(p, d, group["lr"], group["weight_decay"]))
                 moved = True
-        if not moved and self._global_step == 0:
-            import warnings
-
-            warnings.warn("VarianceAdaptiveSGD: no gradient variance; step skipped.", RuntimeWarning,
-                          stacklevel=3)
+        if not moved:
+            if self._global_step == 0:
+                warnings.warn(
+                    "VarianceAdaptiveSGD: no gradient variance; step skipped.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             return False
-        return None

@@ -115,60 +115,75 @@ LINEAR = {
     "ConvolutionBackwardBackward0", "LinearBackward0",
 }
 #: nodes that are bilinear: nonlinear (and non-elementwise) when two inputs carry a gradient
-BILINEAR = {"MulBackward0", "DivBackward0", "BmmBackward0", "MmBackward0", "MvBackward0"}
+BILINEAR = {"MulBackward0", "DivBackward0", "BmmBackward0", "MmBackward0", "MvBackward0",
+            "AddmmBackward0", "AddbmmBackward0", "BaddbmmBackward0", "ConvolutionBackward0",
+            "LinearBackward0", "NativeBatchNormBackward0", "CudnnBatchNormBackward0"}
 
 
-def _nonleaf_inputs(node):
-    return [nf for nf, _ in node.next_functions
-            if nf is not None and type(nf).__name__ != "AccumulateGrad"]
+#: normalizations: linear in their affine parameters, nonlinear (not elementwise) in the input
+NORMS = {"NativeLayerNormBackward0", "NativeGroupNormBackward0"}
 
 
-def find_smooth(root, layer_nodes, skip=()):
-    """Walk the graph from ``root``; return smooth nodes with a layer below them.
-
-    Raises for a non-decomposable node (unknown, or bilinear in two activations)
-    that has a parameterized layer below it.
-    """
-    below: dict = {}
-
-    def has_layer_below(node):  # memoised DFS, iterative to survive deep graphs
-        stack = [(node, False)]
-        while stack:
-            n, expanded = stack.pop()
-            if n in below:
-                continue
-            kids = [nf for nf, _ in n.next_functions if nf is not None]
-            if expanded:
-                below[n] = any(k in layer_nodes or below.get(k, False) for k in kids)
-                continue
-            stack.append((n, True))
-            stack.extend((k, False) for k in kids if k not in below)
-        return below[node]
-
-    smooth, seen, stack = [], set(), [root]
+def _leaf_sets(root):
+    """Map every node below ``root`` to the frozenset of leaf (AccumulateGrad) nodes below it."""
+    leaves: dict = {}
+    stack = [(root, False)]
     while stack:
-        n = stack.pop()
-        if n is None or n in seen:
-            continue
-        seen.add(n)
-        name = type(n).__name__
-        stack.extend(nf for nf, _ in n.next_functions)
-        if n in skip:
+        n, expanded = stack.pop()
+        if n in leaves:
             continue
         kids = [nf for nf, _ in n.next_functions if nf is not None]
-        if not kids or not has_layer_below(n):
+        if expanded:
+            own = {n} if type(n).__name__ == "AccumulateGrad" else set()
+            leaves[n] = frozenset(own.union(*(leaves[k] for k in kids)))
+            continue
+        stack.append((n, True))
+        stack.extend((k, False) for k in kids if k not in leaves)
+    return leaves
+
+
+def find_smooth(root, skip=()):
+    """Walk the graph from ``root``; return the smooth elementwise nodes with parameters below.
+
+    A node matters only if one of its inputs depends on trainable leaves. Raises
+    for curvature that does not decompose into elementwise terms: a product whose
+    two factors depend on a common parameter (attention's q·kᵀ, x·x, a weight
+    applied on top of its own output), a normalization of a parameter-dependent
+    input, or an operation whose second derivative curvopt does not know.
+    """
+    leaves = _leaf_sets(root)
+    smooth = []
+    for n in leaves:
+        if n in skip:
+            continue
+        name = type(n).__name__
+        inputs = [leaves[nf] for nf, _ in n.next_functions if nf is not None]
+        if not any(inputs):
             continue
         if name in SMOOTH:
-            smooth.append(n)
-        elif name in BILINEAR and len(_nonleaf_inputs(n)) >= 2:
-            raise UnsupportedModuleError(
-                f"DiagHessian: the graph multiplies two activations ({name}, e.g. attention's "
-                "q·k or a gating product) above a parameterized layer; its curvature does not "
-                "decompose into elementwise terms. Use DiagGGNExact, or stop the gradient there."
-            )
+            if leaves.get(n.next_functions[0][0], frozenset()):
+                smooth.append(n)
+        elif name in BILINEAR:
+            for i in range(len(inputs)):
+                for j in range(i + 1, len(inputs)):
+                    if inputs[i] & inputs[j]:
+                        raise UnsupportedModuleError(
+                            f"DiagHessian: {name} multiplies two factors that depend on the same "
+                            "parameters (attention's q·kᵀ, a gating product, or a module applied "
+                            "on top of its own output); that curvature does not decompose into "
+                            "elementwise terms. Use DiagGGNExact for this model."
+                        )
+        elif name in NORMS:
+            if inputs[0]:
+                raise UnsupportedModuleError(
+                    f"DiagHessian: {name} normalizes the output of parameterized layers; its "
+                    "curvature with respect to its input is a dense per-sample matrix that "
+                    "curvopt does not propagate yet. Its own affine parameters and everything "
+                    "above it are fine; use DiagGGNExact for the layers below it."
+                )
         elif name not in LINEAR:
             raise UnsupportedModuleError(
-                f"DiagHessian: operation {name} lies above a parameterized layer and its "
+                f"DiagHessian: operation {name} acts on parameter-dependent values and its "
                 "second derivative is not known to curvopt (only linear, piecewise-linear and "
                 f"smooth elementwise operations are: {', '.join(sorted(SMOOTH))}). Use "
                 "DiagGGNExact, or open an issue for this operation."
@@ -181,9 +196,8 @@ def propagate(col, lrec, recs, g_out):
     o = lrec.input
     if o.grad_fn is None:
         return
-    layer_nodes = {r.edge.node for r in recs}
     skip = {o.grad_fn} if type(o.grad_fn).__name__ == "LogSoftmaxBackward0" else set()
-    nodes = find_smooth(o.grad_fn, layer_nodes, skip)
+    nodes = find_smooth(o.grad_fn, skip)
     if not nodes:
         return
     # Gradient arriving at each smooth node's output, in one nested pass.

@@ -1,10 +1,13 @@
-"""KFRA (Botev, Ritter & Barber 2017): a batch-averaged output Hessian passed back layer by layer.
+"""KFRA (Botev, Ritter & Barber 2017): a batch-averaged output Hessian passed back module by module.
 
 .. math:: \\bar H_{\\text{top}} = f\\sum_n H_n,\\qquad
           \\bar H_{L} = \\tfrac1N \\sum_n J_{n}^\\top \\bar H_{L+1} J_{n},
           \\quad J_n = \\partial z_{L+1,n} / \\partial z_{L,n}
 
-``G`` of layer ``L`` is :math:`\\bar H_L` at its output (summed over positions
+The recursion averages over the batch after every module, parameter-free
+ones (activations, pooling) included, as BackPACK does; functional operations
+between modules belong to the step they sit in.  ``G`` of layer ``L`` is
+:math:`\\bar H_L` at its output (summed over positions
 for convolutions and sequences), ``A`` is KFAC's.  Each step factorises
 :math:`\\bar H = Q\\Lambda Q^\\top` (float64), broadcasts the columns of
 :math:`Q\\Lambda^{1/2}` to every sample and sends them back through autograd
@@ -57,7 +60,9 @@ def propagate(col, lrec, recs, g_out):
             "KFRA: a layer is applied more than once in the forward pass; its recursion "
             "(one output Hessian per layer) is not defined. Use KFLR or KFAC."
         )
-    edges = [r.edge for r in recs]
+    # Every module output in forward order: parameterized records and parameter-free leaves.
+    stops = sorted([*recs, *col._boundaries], key=lambda b: b.order)
+    edges = [b.edge for b in stops]
     true = torch.autograd.grad(o, edges, g_out, retain_graph=True, allow_unused=True)
     H = losses.mean_hessian(col.loss_fn, o, lrec.target)
     dist_on = distributed.active()
@@ -66,16 +71,17 @@ def propagate(col, lrec, recs, g_out):
         rho = N / n_glob if col.loss_fn.reduction == "mean" else 1.0
         H = H * rho
         torch.distributed.all_reduce(H)
-    src, src_grad, src_name = o, g_out, "the loss input"
-    for r, g_true in zip(reversed(recs), reversed(true)):
+    src, src_grad, src_name, src_shape = o, g_out, "the loss input", tuple(o.shape)
+    for i in reversed(range(len(stops))):
+        b, g_true = stops[i], true[i]
         if g_true is None:
             continue
-        D = r.output[0].numel()
+        D = int(torch.tensor(b.shape[1:]).prod()) if len(b.shape) > 1 else 1
         rank = H.shape[0]  # upper bound of the number of columns sent back
         if D > MAX_KFRA_DIM or rank * N * D * D > MAX_KFRA_FLOPS:
-            skipped = [x.name for x in recs[: recs.index(r) + 1]]
+            skipped = [x.name for x in recs if x.order <= b.order]
             warnings.warn(
-                f"KFRA: the output of layer '{r.name}' has {D} elements per sample; the dense "
+                f"KFRA: the output of '{b.name}' has {D} elements per sample; the dense "
                 f"{D}x{D} batch-averaged Hessian there (and below) would cost about "
                 f"{rank * N * D * D / 1e9:.0f} GFLOP. KFRA is skipped for layers "
                 f"{', '.join(repr(x) for x in skipped)} (no 'kfra' attribute); the other "
@@ -84,25 +90,25 @@ def propagate(col, lrec, recs, g_out):
                 stacklevel=2,
             )
             return
-        (g_pass,) = torch.autograd.grad(src, r.edge, src_grad, retain_graph=True)
+        (g_pass,) = torch.autograd.grad(src, b.edge, src_grad, retain_graph=True)
         if not torch.allclose(g_pass, g_true, rtol=1e-5, atol=1e-8 * g_true.abs().max().item()):
             raise UnsupportedModuleError(
-                f"KFRA: the loss depends on the output of layer '{r.name}' through paths that "
-                f"avoid {src_name} (a residual connection or a branch), so KFRA's layer-by-"
-                "layer recursion is not defined on this graph. Use KFLR or KFAC."
+                f"KFRA: the loss depends on the output of '{b.name}' through paths that "
+                f"avoid {src_name} (a residual connection or a branch), so KFRA's module-by-"
+                "module recursion is not defined on this graph. Use KFLR or KFAC."
             )
         L = _sqrt_psd(H)  # [D_src, r]
-        shape = (src.shape if torch.is_tensor(src) else src_shape)[1:]
-        cols = L.T.reshape(-1, 1, *shape).expand(-1, N, *shape)
-        (V,) = grads(src, [r.edge], cols, batched=True)  # [r, N, *out]
+        cols = L.T.reshape(-1, 1, *src_shape[1:]).expand(-1, N, *src_shape[1:])
+        (V,) = grads(src, [b.edge], cols, batched=True)  # [r, N, *out]
         if isinstance(V, list):
             V = torch.stack(V)
-        r.columns["kfra"] = V / N**0.5
+        if hasattr(b, "columns"):  # a parameterized layer: its G reads these columns
+            b.columns["kfra"] = V / N**0.5
         Vf = V.reshape(V.shape[0], N, -1)
         H = torch.einsum("jnd,jne->de", Vf, Vf) / N
         if dist_on:
             H = distributed.allreduce_mean_(H, N, n_glob)
-        src, src_grad, src_name, src_shape = r.edge, g_true, f"layer '{r.name}'", r.output.shape
+        src, src_grad, src_name, src_shape = b.edge, g_true, f"'{b.name}'", b.shape
 
 
 def factors(items):

@@ -113,26 +113,23 @@ def _bounds(items, kind):
 
 
 def diagonal(items, kind, weights=False):
-    """:math:`\\sum_{k,n} w_{kn} (\\nabla\\ell_{kn})^{\\odot2}` for one parameter."""
+    """:math:`\\sum_{k,n} w_{kn} (\\nabla\\ell_{kn})^{\\odot2}` for one parameter.
+
+    With ``weights`` (DiagHessian residuals) the per-column, per-sample weights
+    ``rec.columns[kind + ':w']`` (``[K, N]``) are signed.
+    """
     p = items[0][1].param
-    wkey = kind + ":w"
-    if weights:
-        bounds = [
-            (lay.bind(r.columns[kind]), r.columns[wkey]) for r, lay in items if kind in r.columns
-        ]
-    else:
-        bounds = [(b, None) for b in _bounds(items, kind)]
+    bounds = _bounds(items, kind)
     if not bounds:
         return torch.zeros_like(p)
-    if len(bounds) == 1 or weights:
-        # With residual weights each record's columns are independent (one activation each).
-        out = bounds[0][0].sum_sq(bounds[0][1])
-        for b, w in bounds[1:]:
-            out = out + b.sum_sq(w)
-        return out
+    w = next(r.columns[kind + ":w"] for r, _ in items if kind in r.columns) if weights else None
+    if len(bounds) == 1:
+        return bounds[0].sum_sq(w)
     # A weight shared across layer types: sum the per-sample gradients before squaring.
-    ps = sum(b.per_sample() for b, _ in bounds)
-    return ps.pow(2).sum((0, 1))
+    sq = sum(b.per_sample() for b in bounds).pow(2)
+    if w is not None:
+        sq = sq * w.reshape(*w.shape, *([1] * p.dim()))
+    return sq.sum((0, 1))
 
 
 def kronecker(items, kind):

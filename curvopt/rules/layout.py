@@ -380,10 +380,9 @@ class EmbeddingBound(Bound):
         return torch.diag(counts) / idx.numel()
 
     def kron_G(self):
-        R = self.R
-        if self.layout.padding_idx is not None:
-            R = R * (self.indices != self.layout.padding_idx).to(R.dtype)[None, :, :, None]
-        R = R.flatten(0, 2)
+        # Every row counts, padding rows included: they are rows with a zero input,
+        # as in Linear's expand convention (A has zeros for them).
+        R = self.R.flatten(0, 2)
         return R.T @ R
 
     def _coalesced(self):

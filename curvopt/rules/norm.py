@@ -23,7 +23,9 @@ def _affine(module, N, xhat_rows, rows_fn):
     if w is not None and w.requires_grad:
         out["weight"] = Elementwise(w, N, Xhat=xhat_rows, rows=rows_fn)
     if b is not None and b.requires_grad:
-        out["bias"] = Elementwise(b, N, Xhat=None, rows=rows_fn)
+        # A norm bias has no Kronecker structure: its single factor is the exact GGN
+        # block, which sums the rows of a sample before the outer product.
+        out["bias"] = Elementwise(b, N, Xhat=None, rows=rows_fn, reduce_G=True)
     return out
 
 
