@@ -152,12 +152,9 @@ DIAG_H_CASES = [c for c in ALL_CASES if "attention" not in c.tags]
 
 
 #: Curvature that does not decompose into elementwise terms: DiagHessian must refuse it
-#: (never a silent wrong number): a normalization of a parameter-dependent input, and a
-#: layer applied on top of its own output (products of factors sharing a parameter).
+#: (never a silent wrong number): a hand-written RMSNorm (x · rsqrt(mean x²): a product of
+#: two factors of the same input) and a layer applied on top of its own output.
 DIAG_H_REFUSED = {
-    "layernorm": "NativeLayerNormBackward0", "layernorm_noaffine": "NativeLayerNormBackward0",
-    "layernorm_nobias": "NativeLayerNormBackward0", "layernorm_2d": "NativeLayerNormBackward0",
-    "groupnorm": "NativeGroupNormBackward0", "groupnorm_noaffine": "NativeGroupNormBackward0",
     "rmsnorm_custom": "RsqrtBackward0|same parameters", "weight_sharing": "same parameters",
 }
 

@@ -19,11 +19,14 @@ below. The diagonal contribution is then
 sum of squares that the layouts compute (without per-sample tensors for
 one-row-per-sample layers).
 
-Operations whose curvature is not elementwise (softmax inside the network,
-products of two activations as in attention, LayerNorm/GroupNorm applied to
-the output of a parameterized layer) make the Hessian diagonal not
-decomposable this way: they raise a clear error when a parameterized layer
-lies below them.
+LayerNorm and GroupNorm are handled exactly: their residual per normalized
+row is :math:`-\\tfrac{s}{M\\sigma^2} I` (an elementwise term as above) plus a
+rank-3 matrix, sent back as three signed columns per row (:func:`_norm_residual`).
+
+Operations whose curvature curvopt cannot decompose (softmax inside the
+network, products of two factors that depend on the same parameters as in
+attention or a layer applied on its own output) raise a clear error when
+parameters lie below them.
 """
 
 from __future__ import annotations
@@ -143,7 +146,8 @@ def _leaf_sets(root):
 
 
 def find_smooth(root, skip=()):
-    """Walk the graph from ``root``; return the smooth elementwise nodes with parameters below.
+    """Walk the graph from ``root``; return the smooth nodes (elementwise or normalizations)
+    with parameters below.
 
     A node matters only if one of its inputs depends on trainable leaves. Raises
     for curvature that does not decompose into elementwise terms: a product whose
@@ -175,12 +179,7 @@ def find_smooth(root, skip=()):
                         )
         elif name in NORMS:
             if inputs[0]:
-                raise UnsupportedModuleError(
-                    f"DiagHessian: {name} normalizes the output of parameterized layers; its "
-                    "curvature with respect to its input is a dense per-sample matrix that "
-                    "curvopt does not propagate yet. Its own affine parameters and everything "
-                    "above it are fine; use DiagGGNExact for the layers below it."
-                )
+                smooth.append(n)
         elif name not in LINEAR:
             raise UnsupportedModuleError(
                 f"DiagHessian: operation {name} acts on parameter-dependent values and its "
@@ -205,24 +204,10 @@ def propagate(col, lrec, recs, g_out):
         o, [GradientEdge(n, 0) for n in nodes], g_out, retain_graph=True, allow_unused=True
     )
     edges = [r.edge for r in recs]
-    for i, (node, gb) in enumerate(zip(nodes, outs)):
-        if gb is None:
-            continue
-        attr, d2 = SMOOTH[type(node).__name__]
-        r_m = d2(node, getattr(node, attr).detach()) * gb  # [N, *a]
-        N = r_m.shape[0]
-        D = r_m[0].numel()
-        if D > MAX_RESIDUAL_ELEMENTS:
-            raise UnsupportedModuleError(
-                f"DiagHessian: the smooth activation {type(node).__name__} has {D} elements per "
-                f"sample; its exact residual needs {D} backward passes (limit "
-                f"{MAX_RESIDUAL_ELEMENTS}). Use DiagGGNExact, or a piecewise-linear activation."
-            )
-        src = GradientEdge(*node.next_functions[0])
-        eye = torch.eye(D, dtype=r_m.dtype, device=r_m.device)
-        E = eye.reshape(D, 1, *r_m.shape[1:]).expand(D, *r_m.shape)
-        w = r_m.reshape(N, D).T.contiguous()  # [D, N]
-        res = grads(src, edges, E, batched=_batched_ok(recs))
+    batched = _batched_ok(recs)
+
+    def send(i, src, cols, w):  # cols [K, *x.shape], w [K, N]
+        res = grads(src, edges, cols, batched=batched)
         for r, g in zip(recs, res):
             if g is None:
                 continue
@@ -230,6 +215,91 @@ def propagate(col, lrec, recs, g_out):
                 g = torch.stack([torch.zeros_like(r.output) if x is None else x for x in g])
             r.columns[f"res{i}"] = g
             r.columns[f"res{i}:w"] = w
+
+    k = 0
+    for node, gb in zip(nodes, outs):
+        if gb is None:
+            continue
+        name = type(node).__name__
+        src = GradientEdge(*node.next_functions[0])
+        if name in NORMS:
+            r_m, cols, w = _norm_residual(node, gb.detach())
+            if cols is not None:
+                send(k, src, cols, w)
+                k += 1
+        else:
+            attr, d2 = SMOOTH[name]
+            r_m = d2(node, getattr(node, attr).detach()) * gb  # [N, *a]
+        # The diagonal part: unit vectors e_k at the input, weighted by r_m per sample.
+        N = r_m.shape[0]
+        D = r_m[0].numel()
+        if D > MAX_RESIDUAL_ELEMENTS:
+            raise UnsupportedModuleError(
+                f"DiagHessian: {name} has {D} input elements per sample; its exact residual "
+                f"needs {D} backward passes (limit {MAX_RESIDUAL_ELEMENTS}). Use DiagGGNExact, "
+                "or a piecewise-linear activation."
+            )
+        eye = torch.eye(D, dtype=r_m.dtype, device=r_m.device)
+        E = eye.reshape(D, 1, *r_m.shape[1:]).expand(D, *r_m.shape)
+        send(k, src, E, r_m.reshape(N, D).T.contiguous())
+        k += 1
+
+
+def _norm_residual(node, g):
+    """Residual of LayerNorm/GroupNorm w.r.t. its input, per normalized row of ``M`` entries.
+
+    With :math:`y = (x-\\mu)/\\sigma`, :math:`c = g \\odot \\gamma`, :math:`a = c - \\bar c`,
+    :math:`s = a^\\top y`, the Hessian of :math:`c^\\top y` in :math:`x` is
+
+    .. math:: R = \\frac{1}{M\\sigma^2}\\Big[-(a y^\\top + y a^\\top) - s\\,(I - \\tfrac1M 11^\\top)
+              + \\tfrac{3s}{M} y y^\\top\\Big],
+
+    i.e. :math:`-\\tfrac{s}{M\\sigma^2} I` (returned as an elementwise residual ``r``)
+    plus a rank-3 part in span{a, y, 1}: three signed columns per row (``cols``,
+    ``[3·S, N, *x]`` nonzero in one row each, weights ``[3·S, N]``).
+    """
+    x = node._saved_input.detach()
+    N = x.shape[0]
+    if type(node).__name__ == "NativeLayerNormBackward0":
+        M = int(torch.tensor(node._saved_normalized_shape).prod())
+        gamma = node._saved_weight
+        c = g * gamma if gamma is not None else g
+        rows = x.reshape(N, -1, M)
+        c = c.reshape(N, -1, M)
+        rstd = node._saved_result2.detach().reshape(N, -1, 1)
+    else:  # NativeGroupNormBackward0: rows are (sample, group)
+        G = node._saved_group
+        gamma = node._saved_weight
+        C = x.shape[1]
+        c = g * gamma.reshape(1, C, *([1] * (x.dim() - 2))) if gamma is not None else g
+        rows = x.reshape(N, G, -1)
+        c = c.reshape(N, G, -1)
+        M = rows.shape[-1]
+        rstd = node._saved_result2.detach().reshape(N, G, 1)
+    y = (rows - rows.mean(-1, keepdim=True)) * rstd  # [N, S, M]
+    a = c - c.mean(-1, keepdim=True)
+    s = (a * y).sum(-1, keepdim=True)  # [N, S, 1]
+    scale = rstd.pow(2) / M  # 1/(M σ²)
+    r_diag = (-s * scale).expand_as(y).reshape(x.shape)
+    # Rank-3 part B C Bᵀ with B = [a, y, 1] (orthonormalised per row).
+    ones = torch.ones_like(y)
+    B = torch.stack([a, y, ones], -1)  # [N, S, M, 3]
+    Cm = torch.zeros(*s.shape[:2], 3, 3, dtype=x.dtype, device=x.device)
+    Cm[..., 0, 1] = Cm[..., 1, 0] = -1.0
+    Cm[..., 1, 1] = 3 * s[..., 0] / M
+    Cm[..., 2, 2] = s[..., 0] / M
+    Cm = Cm * scale[..., None]
+    Q, Rr = torch.linalg.qr(B.double())
+    lam, U = torch.linalg.eigh(Rr @ Cm.double() @ Rr.transpose(-1, -2))
+    V = (Q @ U).to(x.dtype)  # [N, S, M, 3]
+    S = y.shape[1]
+    # Column (j, s): row s of every sample carries V[:, s, :, j]; all other rows are zero.
+    cols = torch.zeros(3, S, N, S, M, dtype=x.dtype, device=x.device)
+    idx = torch.arange(S, device=x.device)
+    cols[:, idx, :, idx, :] = V.permute(1, 3, 0, 2)  # [S, 3, N, M] at positions s == s
+    cols = cols.reshape(3 * S, *x.shape)
+    w = lam.to(x.dtype).permute(2, 1, 0).reshape(3 * S, N)  # [3, S, N] -> [3S, N]
+    return r_diag, cols, w
 
 
 def residual_diagonal(items):
