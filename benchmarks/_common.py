@@ -37,8 +37,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -181,7 +181,7 @@ def time_interleaved(
         t2 = time.perf_counter()
         tb.append(t1 - t0)
         tf.append(t2 - t1)
-    ratios = sorted(f / b for f, b in zip(tf, tb))
+    ratios = sorted(f / b for f, b in zip(tf, tb, strict=True))
     q = _quartiles(ratios)
     return {
         "plain_s": statistics.median(tb),
@@ -263,9 +263,7 @@ def run_worker(
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     env.setdefault("PYTHONHASHSEED", "0")
     cmd = [python, script, *args]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     t0 = time.monotonic()
     reason = ""
     peak_seen = 0.0
@@ -286,7 +284,7 @@ def run_worker(
         return Outcome(False, note=reason)
     for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_TAG):
-            data = json.loads(line[len(RESULT_TAG):])
+            data = json.loads(line[len(RESULT_TAG) :])
             if "error" in data:
                 return Outcome(False, data, note=data["error"])
             return Outcome(True, data)
@@ -305,17 +303,27 @@ def peer_python(path: str | None) -> str | None:
 def add_common_args(ap: argparse.ArgumentParser, default_models: str) -> None:
     ap.add_argument("--repeats", type=int, default=10, help="timed (plain, config) pairs")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
-    ap.add_argument("--models", default=default_models, help="comma list of " + ",".join(MODEL_NAMES))
+    ap.add_argument(
+        "--models", default=default_models, help="comma list of " + ",".join(MODEL_NAMES)
+    )
     ap.add_argument("--rows", default=None, help="comma list of row names (default: all)")
     ap.add_argument("--impls", default=None, help="comma list of columns to run (default: all)")
     ap.add_argument("--quick", action="store_true", help="repeats=3, warmup=1, shorter budgets")
     ap.add_argument("--budget", type=float, default=None, help="seconds per configuration")
-    ap.add_argument("--mem-budget-gib", type=float, default=8.0, help="kill a configuration above this RSS")
-    ap.add_argument("--peer-python", default=None, help=f"BackPACK venv interpreter (default {PEER_PYTHON_DEFAULT})")
+    ap.add_argument(
+        "--mem-budget-gib", type=float, default=8.0, help="kill a configuration above this RSS"
+    )
+    ap.add_argument(
+        "--peer-python",
+        default=None,
+        help=f"BackPACK venv interpreter (default {PEER_PYTHON_DEFAULT})",
+    )
     ap.add_argument("--json", default=None, help="also write all results to this JSON file")
     ap.add_argument("--seed", type=int, default=0)
     # worker mode (internal; what the driver re-invokes itself with)
-    ap.add_argument("--peer", default=None, help="worker mode: run ONE configuration of this implementation")
+    ap.add_argument(
+        "--peer", default=None, help="worker mode: run ONE configuration of this implementation"
+    )
     ap.add_argument("--model", default=None, help="worker mode: model name")
     ap.add_argument("--row", default=None, help="worker mode: row name")
 

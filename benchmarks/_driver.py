@@ -12,11 +12,10 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import _common as C
-
 
 SILENT = "__silent__"  # skip() result: leave the cell as "—" without a footnote
 
@@ -37,13 +36,14 @@ class Spec:
     columns: list
     default_models: str
     default_rows: Callable[[str], list]  # model -> row labels run by default
-    skip: Callable[[str, str, str, argparse.Namespace], str | None]  # (impl, model, row, args) -> note
+    skip: Callable[
+        [str, str, str, argparse.Namespace], str | None
+    ]  # (impl, model, row, args) -> note
 
 
 def _worker(spec: Spec, args) -> int:
-    import torch  # noqa: F401
-
     import _impls as I
+    import torch  # noqa: F401
 
     try:
         if args.row not in spec.rows:
@@ -62,7 +62,8 @@ def _worker(spec: Spec, args) -> int:
         C.emit_result({"error": f"n/a ({e})"})
     except Exception as e:  # report, don't crash the table
         traceback.print_exc()
-        C.emit_result({"error": f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"})
+        first_line = str(e).splitlines()[0][:160] if str(e) else ""
+        C.emit_result({"error": f"error: {type(e).__name__}: {first_line}"})
     return 0
 
 
@@ -104,9 +105,15 @@ def main(spec: Spec, argv=None) -> int:
 
     print(f"# {spec.title}\n")
     print(f"- {C.environment_line()}")
-    print(f"- repeats={args.repeats} interleaved (plain, config) pairs after {args.warmup} warm-up; "
-          f"cell = median ratio to plain [quartiles of the pairwise ratios]")
+    print(
+        f"- repeats={args.repeats} interleaved (plain, config) pairs after {args.warmup} warm-up; "
+        f"cell = median ratio to plain [quartiles of the pairwise ratios]"
+    )
     print(f"- peak memory: {C.MEMORY_METHOD}; MiB")
+    print(
+        "- the plain row times plain against an identical hook-free copy: its ratio should be "
+        "1.00, so its spread gauges the machine's noise; 'unit' is the plain step's median time"
+    )
     print(f"- per-configuration budget {args.budget:.0f} s, {args.mem_budget_gib:g} GiB RSS")
     print(f"- peer interpreter: {peer_py or 'not found (BackPACK/Opacus columns skipped)'}")
     print()
@@ -129,32 +136,74 @@ def main(spec: Spec, argv=None) -> int:
                 if note:
                     if note not in notes:
                         notes.append(note)
-                    outcomes[(label, col.impl)] = C.Outcome(False, note=f"skipped ({notes.index(note) + 1})")
+                    outcomes[(label, col.impl)] = C.Outcome(
+                        False, note=f"skipped ({notes.index(note) + 1})"
+                    )
                     continue
                 py = peer_py if col.peer else sys.executable
                 if py is None:
                     continue
                 t0 = time.monotonic()
-                print(f"  running {model:12s} {label:32s} {col.impl:10s}", end="", file=sys.stderr, flush=True)
+                print(
+                    f"  running {model:12s} {label:32s} {col.impl:10s}",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 o = C.run_worker(
                     py,
                     spec.script,
-                    ["--peer", col.impl, "--model", model, "--row", label,
-                     "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-                     "--seed", str(args.seed)],
+                    [
+                        "--peer",
+                        col.impl,
+                        "--model",
+                        model,
+                        "--row",
+                        label,
+                        "--repeats",
+                        str(args.repeats),
+                        "--warmup",
+                        str(args.warmup),
+                        "--seed",
+                        str(args.seed),
+                    ],
                     time_budget=args.budget,
                     mem_budget_gib=args.mem_budget_gib,
                 )
-                print(f" {time.monotonic() - t0:6.1f}s  {C.fmt_ratio(o, False)}", file=sys.stderr, flush=True)
+                print(
+                    f" {time.monotonic() - t0:6.1f}s  {C.fmt_ratio(o, False)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if not o.ok and o.note.startswith("error"):
+                    if o.note not in notes:
+                        notes.append(o.note)
+                    o = C.Outcome(False, o.data, note=f"error ({notes.index(o.note) + 1})")
                 outcomes[(label, col.impl)] = o
-                all_results.append({"model": model, "row": label, "impl": col.impl,
-                                    "ok": o.ok, "note": o.note, **o.data})
+                all_results.append(
+                    {
+                        "model": model,
+                        "row": label,
+                        "impl": col.impl,
+                        "ok": o.ok,
+                        "note": o.note,
+                        **o.data,
+                    }
+                )
         _print_table(spec, model, labels, columns, outcomes, notes)
 
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"title": spec.title, "env": C.environment_line(), "repeats": args.repeats,
-                       "results": all_results}, fh, indent=1)
+            json.dump(
+                {
+                    "title": spec.title,
+                    "env": C.environment_line(),
+                    "repeats": args.repeats,
+                    "results": all_results,
+                },
+                fh,
+                indent=1,
+            )
         print(f"(results written to {args.json})")
     return 0
 
@@ -174,7 +223,8 @@ def _print_table(spec, model, labels, columns, outcomes, notes):
         for col in columns:
             o = outcomes.get((label, col.impl))
             if spec.rows[label] == I.PLAIN and o is not None and o.ok:
-                r.append(f"1 (= {o.data['plain_s'] * 1e3:.1f} ms)")
+                # plain vs an identical plain copy: ideally 1.00, so it gauges the noise
+                r.append(f"{C.fmt_ratio(o)}, unit = {o.data['plain_s'] * 1e3:.1f} ms")
             else:
                 r.append(C.fmt_ratio(o))
             if col.show_mem:

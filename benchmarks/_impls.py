@@ -10,12 +10,11 @@ builders, so a worker process only ever imports the library it measures
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-from torch import nn
-
 from _common import Problem
+from torch import nn
 
 FIRST_ORDER = ("BatchGrad", "SumGradSquared", "Variance", "BatchL2Grad")
 SECOND_ORDER = ("DiagGGNExact", "DiagGGNMC", "KFAC", "KFLR", "KFRA", "DiagHessian")
@@ -152,7 +151,9 @@ def torchfunc_step(problem: Problem, names: tuple[str, ...] | str) -> Callable[[
     First order: grad_batch = f * vmap(grad(loss_n)); the other three (and the
     summed gradient) are reductions of it.  DiagGGNExact: for CrossEntropy the
     loss Hessian factors as S Sᵀ with S = diag(√p) − p √pᵀ; per class c,
-    vmap(grad) of √f·⟨S[:, c], o_n⟩ (S detached) squared and summed over n and c.
+    vmap(grad) of √f·⟨S[:, c], o_n⟩ (S detached) squared and summed over n and c
+    (C passes of per-sample gradients: the straightforward torch.func route,
+    bounded in memory by one [N, #params] tensor at a time).
     DiagGGNMC: vmap(grad) of √f·CE(o_n, ỹ_n), ỹ ~ Categorical(softmax(o_n)), squared.
     KFAC/KFLR/KFRA/DiagHessian have no comparable torch.func one-liner.
     """
@@ -186,19 +187,27 @@ def torchfunc_step(problem: Problem, names: tuple[str, ...] | str) -> Callable[[
     def step():
         out = {}
         if first:
-            gb = {k: f * v for k, v in per_sample(params, X, y).items()}
-            out["grad"] = {k: v.sum(0) for k, v in gb.items()}
+            # raw per-sample gradients g_n (unscaled); few full-size temporaries
+            v = per_sample(params, X, y)
+            grad = {k: f * t.sum(0) for k, t in v.items()}
+            out["grad"] = grad
+            if "BatchL2Grad" in first:
+                out["batch_l2"] = {
+                    k: (f * torch.linalg.vector_norm(t.flatten(1), dim=1)) ** 2
+                    for k, t in v.items()
+                }
             if "BatchGrad" in first:
-                out["grad_batch"] = gb
+                out["grad_batch"] = {k: t.mul_(f) for k, t in v.items()}  # in place: f g_n
             if "SumGradSquared" in first or "Variance" in first:
-                sgs = {k: (v * v).sum(0) for k, v in gb.items()}
+                if "BatchGrad" in first:  # keep grad_batch intact
+                    sgs = {k: (t * t).sum(0) for k, t in out["grad_batch"].items()}
+                else:  # square in place, scale the reduced result
+                    sgs = {k: t.square_().sum(0).mul_(f * f) for k, t in v.items()}
                 out["sum_grad_squared"] = sgs
                 if "Variance" in first:
                     out["variance"] = {
-                        k: (sgs[k] / N - (out["grad"][k] / N) ** 2).clamp_min(0) for k in gb
+                        k: (sgs[k] / N - (grad[k] / N) ** 2).clamp_min(0) for k in sgs
                     }
-            if "BatchL2Grad" in first:
-                out["batch_l2"] = {k: v.flatten(1).pow(2).sum(1) for k, v in gb.items()}
         if "DiagGGNExact" in names or "DiagGGNMC" in names:
             with torch.no_grad():
                 logits = vmap(logits_single, in_dims=(None, 0))(params, X)

@@ -61,7 +61,8 @@ def skip(impl: str, model: str, row: str, args) -> str | None:
 
 
 SPEC = D.Spec(
-    title="curvopt benchmark: first-order quantities (cost as a multiple of a plain forward+backward)",
+    title="curvopt benchmark: first-order quantities "
+    "(cost as a multiple of a plain forward+backward)",
     script=os.path.abspath(__file__),
     rows=ROWS,
     columns=COLUMNS,

@@ -20,7 +20,8 @@ Usage (from the repository root)::
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/second_order.py
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/second_order.py --quick --models mlp,cnn
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/second_order.py --models sigmoid-mlp --rows KFAC,DiagHessian
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/second_order.py \
+        --models sigmoid-mlp --rows KFAC,DiagHessian
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ def skip(impl: str, model: str, row: str, args) -> str | None:
         and not args.force_peer_kfra_cnn
     ):
         return (
-            "BackPACK 1.7.1's KFRA keeps a dense (C·H·W)×(C·H·W) matrix per layer on the 3c3d CNN "
-            "(about 16 GiB; out of memory in the reference measurement, 'all ten' does not finish); "
+            "BackPACK 1.7.1's KFRA keeps a dense (C·H·W)×(C·H·W) matrix per layer on the 3c3d "
+            "CNN (about 16 GiB; out of memory in the reference measurement, 'all ten' does not "
+            "finish); "
             "skipped rather than exhausting the shared machine. --force-peer-kfra-cnn tries it, "
             "killed at --mem-budget-gib."
         )
@@ -79,7 +81,8 @@ def skip(impl: str, model: str, row: str, args) -> str | None:
 
 
 SPEC = D.Spec(
-    title="curvopt benchmark: second-order quantities (cost as a multiple of a plain forward+backward)",
+    title="curvopt benchmark: second-order quantities "
+    "(cost as a multiple of a plain forward+backward)",
     script=os.path.abspath(__file__),
     rows=ROWS,
     columns=COLUMNS,

@@ -59,5 +59,5 @@ def test_global_batch_equals_single_process(tmp_path, world, N, reduction, ddp):
 
 
 def test_hung_worker_fails_within_timeout(tmp_path):
-    procs, hung = _spawn(2, tmp_path, timeout=20, hang=True)
+    procs, hung = _spawn(2, tmp_path, timeout=8, hang=True)
     assert hung, "the sleeping worker should have been detected as hung and killed"

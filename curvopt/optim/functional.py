@@ -30,6 +30,7 @@ __all__ = [
     "ema",
     "bias_correction",
     "apply_update",
+    "apply_update_",
     "momentum",
     # Kronecker-factored curvature
     "kronecker_dims",
@@ -85,6 +86,13 @@ def apply_update(param: Tensor, direction: Tensor, lr: float, weight_decay: floa
     if weight_decay:
         param = param * (1.0 - lr * weight_decay)
     return param - lr * direction
+
+
+def apply_update_(param: Tensor, direction: Tensor, lr: float, weight_decay: float = 0.0) -> Tensor:
+    """In-place form of :func:`apply_update` (what the optimizer classes call)."""
+    if weight_decay:
+        param.mul_(1.0 - lr * weight_decay)
+    return param.add_(direction, alpha=-lr)
 
 
 def momentum(buffer: Tensor | None, direction: Tensor, mu: float) -> Tensor:

@@ -310,7 +310,7 @@ class KFACOptimizer(CurvatureOptimizer):
                 if group["momentum"]:
                     d = F.momentum(st.get("momentum_buffer"), d, group["momentum"])
                     st["momentum_buffer"] = d
-                p.copy_(F.apply_update(p, d, group["lr"], group["weight_decay"]))
+                F.apply_update_(p, d, group["lr"], group["weight_decay"])
         for _, _, st, _ in items:
             st["step"] += 1
         if adapt:

@@ -59,7 +59,7 @@ class KroneckerBlock:
         return self.state.get("factors")
 
     def update_factors(self, raw: Sequence[Tensor], decay: float) -> None:
-        """Running average :math:`\\bar F_i \\leftarrow \\varepsilon \\bar F_i + (1-\\varepsilon) F_i`.
+        """Update :math:`\\bar F_i \\leftarrow \\varepsilon \\bar F_i + (1-\\varepsilon) F_i`.
 
         The first call copies the raw factors.
         """

@@ -129,7 +129,7 @@ class VarianceAdaptiveSGD(CurvatureOptimizer):
                     if k in new:
                         st[k] = new[k]
                 st["step"] += 1
-                p.copy_(F.apply_update(p, d, group["lr"], group["weight_decay"]))
+                F.apply_update_(p, d, group["lr"], group["weight_decay"])
                 moved = True
         if not moved:
             if self._global_step == 0:

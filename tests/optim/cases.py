@@ -25,8 +25,10 @@ def tiny_mlp(seed: int = 0, act=nn.Tanh, sizes=(5, 4, 3)) -> nn.Sequential:
 
 def batches(T: int, N: int = 8, d: int = 5, C: int = 3, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(N, d, generator=g, dtype=DT), torch.randint(0, C, (N,), generator=g))
-            for _ in range(T)]
+    return [
+        (torch.randn(N, d, generator=g, dtype=DT), torch.randint(0, C, (N,), generator=g))
+        for _ in range(T)
+    ]
 
 
 def loss_hessian(o: torch.Tensor, y: torch.Tensor, loss_fn) -> torch.Tensor:
@@ -43,7 +45,7 @@ def loss_hessian(o: torch.Tensor, y: torch.Tensor, loss_fn) -> torch.Tensor:
 
 
 def kflr_factors(model: nn.Sequential, X, y, loss_fn) -> dict:
-    """Exact-GGN Kronecker factors of every Linear of a Sequential, engine format ``[G, A]`` / ``[G]``.
+    """Exact-GGN Kronecker factors of every Linear of a Sequential, as ``[G, A]`` / ``[G]``.
 
     A = X_lᵀX_l / N (layer input), G = Σ_n J_nᵀ H_n J_n with J_n = ∂o_n/∂z_{l,n}
     (z_l the layer output), computed by autograd Jacobians sample by sample.
@@ -59,10 +61,12 @@ def kflr_factors(model: nn.Sequential, X, y, loss_fn) -> dict:
         if isinstance(m, nn.Linear):
             A = h.T @ h / N
             z = m(h).detach()
-            rest = nn.Sequential(*mods[i + 1:])
+            rest = nn.Sequential(*mods[i + 1 :])
             G = torch.zeros(z.shape[1], z.shape[1], dtype=DT)
             for n in range(N):
-                J = torch.autograd.functional.jacobian(lambda zz: rest(zz.unsqueeze(0))[0], z[n])
+                J = torch.autograd.functional.jacobian(
+                    lambda zz, rest=rest: rest(zz.unsqueeze(0))[0], z[n]
+                )
                 G += J.T @ H[n] @ J
             out[m.weight] = [G, A]
             if m.bias is not None:
@@ -98,10 +102,10 @@ def per_sample_terms(model: nn.Module, X, y, loss_fn) -> dict:
     f = 1.0 / N if loss_fn.reduction == "mean" else 1.0
     unreduced = type(loss_fn)(reduction="sum")
 
-    def l(p, x, t):
+    def sample_loss(p, x, t):
         return unreduced(functional_call(model, p, (x.unsqueeze(0),)), t.unsqueeze(0))
 
-    gs = vmap(grad(l), in_dims=(None, 0, 0))(params, X, y)
+    gs = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, X, y)
     named = dict(model.named_parameters())
     return {named[k]: f * v for k, v in gs.items()}
 
@@ -120,6 +124,7 @@ def train(opt, model, loss_fn, data, closure=False):
     losses = []
     for X, y in data:
         if closure:
+
             def cl(X=X, y=y):
                 opt.zero_grad()
                 loss = loss_fn(model(X), y)

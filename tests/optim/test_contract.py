@@ -1,4 +1,4 @@
-"""The contract every curvopt optimizer honours: resume, schedulers, groups, closure, tracking, safety."""
+"""The contract of every curvopt optimizer: resume, schedulers, groups, closure, tracking."""
 
 from __future__ import annotations
 
@@ -18,14 +18,27 @@ from .cases import batches, snapshot, tiny_mlp, train
 
 FACTORIES = {
     "kfac_mc": lambda m, lf, **kw: KFACOptimizer(
-        m, lf, lr=0.1, damping=1e-2, curvature="kfac", mc_samples=2, factor_update_freq=2,
-        inverse_update_freq=3, momentum=0.9, weight_decay=1e-3, **kw),
+        m,
+        lf,
+        lr=0.1,
+        damping=1e-2,
+        curvature="kfac",
+        mc_samples=2,
+        factor_update_freq=2,
+        inverse_update_freq=3,
+        momentum=0.9,
+        weight_decay=1e-3,
+        **kw,
+    ),
     "kflr_eigen": lambda m, lf, **kw: KFACOptimizer(
-        m, lf, lr=0.1, damping=1e-2, curvature="kflr", damping_mode="eigen", kl_clip=1e-2, **kw),
+        m, lf, lr=0.1, damping=1e-2, curvature="kflr", damping_mode="eigen", kl_clip=1e-2, **kw
+    ),
     "kfac_base_adam": lambda m, lf, **kw: KFACOptimizer(
-        m, lf, lr=0.01, damping=1e-2, inverse_update_freq=2, base_optimizer=torch.optim.Adam, **kw),
+        m, lf, lr=0.01, damping=1e-2, inverse_update_freq=2, base_optimizer=torch.optim.Adam, **kw
+    ),
     "diag_ggn_adam_mc": lambda m, lf, **kw: DiagGGNAdam(
-        m, lf, lr=0.01, curvature="mc", curvature_update_freq=2, weight_decay=1e-2, **kw),
+        m, lf, lr=0.01, curvature="mc", curvature_update_freq=2, weight_decay=1e-2, **kw
+    ),
     "diag_ggn_adam_sophia": lambda m, lf, **kw: DiagGGNAdam(m, lf, lr=0.01, clip=0.05, **kw),
     "msvag": lambda m, lf, **kw: VarianceAdaptiveSGD(m, lf, lr=0.1, momentum=0.9, **kw),
 }
@@ -39,7 +52,7 @@ def _equal_tree(a, b):
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_equal_tree(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal_tree(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_equal_tree(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 
@@ -63,7 +76,7 @@ def test_state_dict_round_trip_continues_bit_exactly(name):
     o2.load_state_dict(ckpt["opt"])
     torch.manual_seed(12345)  # the user's global RNG plays no part
     train(o2, m2, LOSS, data[5:])
-    for a, b in zip(expected, m2.parameters()):
+    for a, b in zip(expected, m2.parameters(), strict=True):
         assert torch.equal(a, b.detach())
     assert _equal_tree(expected_state, o2.state_dict())
     o1.close()
@@ -78,12 +91,12 @@ def test_lr_scheduler_changes_the_step(name):
     data = batches(3, N=6)
     before = snapshot(m)
     train(opt, m, LOSS, data[:1])
-    assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters(), strict=True))
     sched.step()
     assert opt.param_groups[0]["lr"] == 0.0
     frozen = snapshot(m)
     train(opt, m, LOSS, data[1:])
-    assert all(torch.equal(a, b) for a, b in zip(frozen, m.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(frozen, m.parameters(), strict=True))
     opt.close()
 
 
@@ -95,8 +108,8 @@ def test_param_groups_with_different_hyperparameters(name):
     assert opt.param_groups[0]["lr"] == 0.0 and opt.param_groups[1]["lr"] > 0
     first, second = snapshot(m[0]), snapshot(m[2])
     train(opt, m, LOSS, batches(3, N=6))
-    assert all(torch.equal(a, b) for a, b in zip(first, m[0].parameters()))
-    assert all(not torch.equal(a, b) for a, b in zip(second, m[2].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(first, m[0].parameters(), strict=True))
+    assert all(not torch.equal(a, b) for a, b in zip(second, m[2].parameters(), strict=True))
     opt.close()
 
 
@@ -104,15 +117,27 @@ def test_per_group_damping_and_momentum_are_used():
     m1, m2 = tiny_mlp(0), tiny_mlp(0)
     kw = dict(lr=0.1, curvature="kflr", kl_clip=None)
     o1 = KFACOptimizer(m1, LOSS, damping=1e-1, momentum=0.5, **kw)
-    o2 = KFACOptimizer(m2, LOSS, damping=1e-3, params=[
-        {"params": list(m2[0].parameters()), "damping": 1e-1, "momentum": 0.5},
-        {"params": list(m2[2].parameters())}], **kw)
-    data = batches(3, N=6)
+    o2 = KFACOptimizer(
+        m2,
+        LOSS,
+        damping=1e-3,
+        params=[
+            {"params": list(m2[0].parameters()), "damping": 1e-1, "momentum": 0.5},
+            {"params": list(m2[2].parameters())},
+        ],
+        **kw,
+    )
+    data = batches(1, N=6)  # one step: afterwards layer 0 sees a different layer 2
     train(o1, m1, LOSS, data)
     train(o2, m2, LOSS, data)
-    for a, b in zip(m1[0].parameters(), m2[0].parameters()):
+    for a, b in zip(m1[0].parameters(), m2[0].parameters(), strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(m1[2].weight, m2[2].weight)
+    assert (
+        "momentum_buffer" in o2.state[m2[0].weight]
+        and "momentum_buffer" not in o2.state[m2[2].weight]
+    )
+    assert o2.state[m2[2].weight]["inverse_damping"] == 1e-3
     o1.close()
     o2.close()
 
@@ -125,7 +150,7 @@ def test_closure_path_equals_the_ordinary_loop(name):
     l1 = train(o1, m1, LOSS, data)
     l2 = train(o2, m2, LOSS, data, closure=True)
     assert l1 == l2
-    for a, b in zip(m1.parameters(), m2.parameters()):
+    for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
         assert torch.equal(a, b)
     o1.close()
     o2.close()
@@ -147,7 +172,11 @@ def test_track_accepts_names_classes_and_instances():
     m = tiny_mlp(0)
     opt = VarianceAdaptiveSGD(m, LOSS, track=["batch_l2", BatchGrad, "DiagGGNExact"])
     assert [e.savefield for e in opt.collector.extensions] == [
-        "variance", "batch_l2", "grad_batch", "diag_ggn_exact"]
+        "variance",
+        "batch_l2",
+        "grad_batch",
+        "diag_ggn_exact",
+    ]
     train(opt, m, LOSS, batches(1, N=4))
     assert set(opt.state[m[0].bias]) >= {"variance", "batch_l2", "grad_batch", "diag_ggn_exact"}
     with pytest.raises(ValueError, match="unknown quantity"):
@@ -177,7 +206,7 @@ def test_non_finite_step_is_skipped_and_state_kept(name, where):
         m[2].bias.grad[0] = float("inf")
     with pytest.warns(RuntimeWarning, match="non-finite"):
         opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(params, m.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(params, m.parameters(), strict=True))
     assert _equal_tree(state, opt.state_dict())
     train(opt, m, LOSS, data[2:])  # and training goes on
     assert all(torch.isfinite(p).all() for p in m.parameters())
@@ -188,14 +217,19 @@ def test_non_finite_step_is_skipped_and_state_kept(name, where):
 def test_singular_factors_never_give_nan(mode):
     m = tiny_mlp(0, act=nn.ReLU)
     with torch.no_grad():
-        m[0].bias.fill_(-100.0)  # every hidden unit dead: G of layer 0 is zero, A of layer 2 is zero
+        m[0].bias.fill_(
+            -100.0
+        )  # every hidden unit dead: G of layer 0 is zero, A of layer 2 is zero
     opt = KFACOptimizer(m, LOSS, damping=1e-8, curvature="kflr", damping_mode=mode, kl_clip=None)
     X, y = batches(1, N=6)[0]
     train(opt, m, LOSS, [(torch.zeros_like(X), y), (X, y)])
     for p in m.parameters():
         assert torch.isfinite(p).all()
-        assert all(torch.isfinite(v).all() for k in ("inverses", "eigenvectors", "eigenvalues")
-                   for v in opt.state[p].get(k, []))
+        assert all(
+            torch.isfinite(v).all()
+            for k in ("inverses", "eigenvectors", "eigenvalues")
+            for v in opt.state[p].get(k, [])
+        )
     opt.close()
 
 

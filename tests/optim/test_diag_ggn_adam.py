@@ -31,13 +31,19 @@ def reference(model, loss_fn, data, *, lr, betas, damping, power, clip, T, weigh
                 m[p] = betas[0] * m[p] + (1 - betas[0]) * g[p]
                 m_hat = m[p] / (1 - betas[0] ** t)
                 den = (h[p] / (1 - betas[1] ** k) + damping) ** power
-                d = m_hat / den if clip is None else torch.clamp(m_hat / torch.clamp(clip * den, min=1e-12), -1, 1)
+                d = (
+                    m_hat / den
+                    if clip is None
+                    else torch.clamp(m_hat / torch.clamp(clip * den, min=1e-12), -1, 1)
+                )
                 p.mul_(1 - lr * weight_decay).sub_(lr * d)
         snaps.append(snapshot(model))
     return snaps
 
 
-@pytest.mark.parametrize("power,clip,T,wd", [(0.5, None, 1, 0.0), (1.0, None, 3, 0.1), (1.0, 0.05, 2, 0.0)])
+@pytest.mark.parametrize(
+    "power,clip,T,wd", [(0.5, None, 1, 0.0), (1.0, None, 3, 0.1), (1.0, 0.05, 2, 0.0)]
+)
 @pytest.mark.parametrize("loss_name", ["ce", "mse"])
 def test_diag_ggn_adam_matches_reference(power, clip, T, wd, loss_name):
     model = tiny_mlp(0)
@@ -52,7 +58,7 @@ def test_diag_ggn_adam_matches_reference(power, clip, T, wd, loss_name):
     opt = DiagGGNAdam(mm, loss_fn, curvature_update_freq=T, **hp)
     for t, (X, y) in enumerate(data):
         train(opt, mm, loss_fn, [(X, y)])
-        for p, r in zip(mm.parameters(), ref[t]):
+        for p, r in zip(mm.parameters(), ref[t], strict=True):
             torch.testing.assert_close(p.detach(), r, rtol=1e-10, atol=1e-10)
     assert opt.state[mm[0].weight]["curv_step"] == len(range(0, 6, T))
     opt.close()
@@ -66,14 +72,25 @@ def test_schedule_and_mc_curvature():
         seen.append(tuple(repr(e) for e in opt.collector.extensions))
         train(opt, m, loss_fn, [(X, y)])
     assert seen == [("DiagGGNMC(mc_samples=3)",), (), ("DiagGGNMC(mc_samples=3)",), ()]
-    assert set(opt.state[m[0].weight]) == {"diag_ggn_mc", "step", "exp_avg", "exp_avg_curv", "curv_step"}
+    assert set(opt.state[m[0].weight]) == {
+        "diag_ggn_mc",
+        "step",
+        "exp_avg",
+        "exp_avg_curv",
+        "curv_step",
+    }
     opt.close()
 
 
 def test_invalid_arguments():
     m, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
-    for kw in (dict(curvature="hessian"), dict(damping=0.0), dict(power=0.0), dict(betas=(1.0, 0.9)),
-               dict(curvature_update_freq=0)):
+    for kw in (
+        dict(curvature="hessian"),
+        dict(damping=0.0),
+        dict(power=0.0),
+        dict(betas=(1.0, 0.9)),
+        dict(curvature_update_freq=0),
+    ):
         with pytest.raises(ValueError):
             DiagGGNAdam(m, loss_fn, **kw)
     DiagGGNAdam(m, loss_fn, damping=0.0, clip=0.05).close()  # Sophia: no damping needed

@@ -1,4 +1,4 @@
-"""Pure update rules against hand-written float64 references (explicit Kronecker products, explicit sums)."""
+"""Pure update rules against hand-written float64 references (explicit Kronecker products, sums)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,9 @@ def test_precondition_inverses_matches_dense_solve():
     # a bias: one factor, plain Tikhonov
     b = rand(3, seed=5)
     ref_b = torch.linalg.solve(G + lam * torch.eye(3, dtype=DT), b)
-    torch.testing.assert_close(F.precondition_inverses(b, F.damped_inverses([G], lam)), ref_b, **TOL)
+    torch.testing.assert_close(
+        F.precondition_inverses(b, F.damped_inverses([G], lam)), ref_b, **TOL
+    )
 
 
 def test_precondition_eigen_is_exact_damping():
@@ -84,7 +86,9 @@ def test_precondition_eigen_is_exact_damping():
     Qs, ds = F.eigendecomposition(fs)
     torch.testing.assert_close(
         F.precondition_eigen(V, Qs, ds, lam),
-        torch.linalg.solve(dense3, V.reshape(-1)).reshape(V.shape), **TOL)
+        torch.linalg.solve(dense3, V.reshape(-1)).reshape(V.shape),
+        **TOL,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -99,7 +103,9 @@ def test_singular_and_broken_factors_never_nan(dtype):
         v = F.precondition_inverses(torch.ones(4, 4, dtype=dtype), F.damped_inverses(fs, 1e-6))
         assert torch.isfinite(v).all()
         Qs, ds = F.eigendecomposition(fs)
-        assert torch.isfinite(F.precondition_eigen(torch.ones(4, 4, dtype=dtype), Qs, ds, 1e-6)).all()
+        assert torch.isfinite(
+            F.precondition_eigen(torch.ones(4, 4, dtype=dtype), Qs, ds, 1e-6)
+        ).all()
     with pytest.raises(ValueError, match="positive"):
         F.damped_inverse(zero, 0.0)
 
@@ -110,7 +116,9 @@ def test_damped_inverse_is_float64_accurate_for_float32_input():
     ref = torch.linalg.inv(A.double() + delta * torch.eye(30, dtype=DT))
     inv = F.damped_inverse(A, delta)
     assert inv.dtype == torch.float32
-    torch.testing.assert_close(inv.double(), ref.float().double(), rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+    torch.testing.assert_close(
+        inv.double(), ref.float().double(), rtol=1e-6, atol=1e-6 * ref.abs().max().item()
+    )
 
 
 def test_precondition_diagonal():
@@ -145,7 +153,12 @@ def test_momentum_and_decoupled_weight_decay():
     ref = sum(0.9 ** (3 - i) * ds[i] for i in range(4))
     torch.testing.assert_close(b, ref, **TOL)
     p = rand(3)
-    torch.testing.assert_close(F.apply_update(p, ds[0], 0.1, 0.01), p - 0.1 * 0.01 * p - 0.1 * ds[0], **TOL)
+    torch.testing.assert_close(
+        F.apply_update(p, ds[0], 0.1, 0.01), p - 0.1 * 0.01 * p - 0.1 * ds[0], **TOL
+    )
+    q = p.clone()
+    assert F.apply_update_(q, ds[0], 0.1, 0.01) is q
+    torch.testing.assert_close(q, F.apply_update(p, ds[0], 0.1, 0.01), **TOL)
 
 
 def test_ema_initialises_with_first_sample():
@@ -163,17 +176,31 @@ def test_diag_ggn_adam_matches_explicit_sums(power, clip):
     state: dict = {}
     for t in range(1, T + 1):
         due = (t - 1) % freq == 0
-        d, state = F.diag_ggn_adam(grads[t - 1], curvs[t - 1] if due else None, state,
-                                   beta1=b1, beta2=b2, damping=lam, power=power, clip=clip)
+        d, state = F.diag_ggn_adam(
+            grads[t - 1],
+            curvs[t - 1] if due else None,
+            state,
+            beta1=b1,
+            beta2=b2,
+            damping=lam,
+            power=power,
+            clip=clip,
+        )
         # reference, coordinate by coordinate
         refreshes = [s for s in range(1, t + 1) if (s - 1) % freq == 0]
         k = len(refreshes)
         for i in range(4):
-            m_hat = sum((1 - b1) * b1 ** (t - s) * grads[s - 1][i].item() for s in range(1, t + 1)) / (1 - b1**t)
-            h_hat = sum((1 - b2) * b2 ** (k - j) * curvs[s - 1][i].item()
-                        for j, s in enumerate(refreshes, 1)) / (1 - b2**k)
+            m_hat = sum(
+                (1 - b1) * b1 ** (t - s) * grads[s - 1][i].item() for s in range(1, t + 1)
+            ) / (1 - b1**t)
+            h_hat = sum(
+                (1 - b2) * b2 ** (k - j) * curvs[s - 1][i].item()
+                for j, s in enumerate(refreshes, 1)
+            ) / (1 - b2**k)
             den = (h_hat + lam) ** power
-            ref = m_hat / den if clip is None else max(-1.0, min(1.0, m_hat / max(clip * den, 1e-12)))
+            ref = (
+                m_hat / den if clip is None else max(-1.0, min(1.0, m_hat / max(clip * den, 1e-12)))
+            )
             assert d[i].item() == pytest.approx(ref, rel=1e-10, abs=1e-13)
     assert state["step"] == T and state["curv_step"] == len(range(0, T, freq))
 
@@ -222,8 +249,12 @@ def test_msvag_ema_variance_is_the_paper_rule():
     for t in range(1, T + 1):
         d, state = F.msvag(grads[t - 1], None, state, beta=beta, variance="ema")
         for j in range(3):
-            m = sum((1 - beta) * beta ** (t - i) * grads[i - 1][j].item() for i in range(1, t + 1)) / (1 - beta**t)
-            v = sum((1 - beta) * beta ** (t - i) * grads[i - 1][j].item() ** 2 for i in range(1, t + 1)) / (1 - beta**t)
+            m = sum(
+                (1 - beta) * beta ** (t - i) * grads[i - 1][j].item() for i in range(1, t + 1)
+            ) / (1 - beta**t)
+            v = sum(
+                (1 - beta) * beta ** (t - i) * grads[i - 1][j].item() ** 2 for i in range(1, t + 1)
+            ) / (1 - beta**t)
             rho = (1 - beta) ** 2 * (1 - beta ** (2 * t)) / ((1 - beta**t) ** 2 * (1 - beta**2))
             s = 0.0 if t == 1 else rho * max(v - m * m, 0.0) / (1 - rho)
             gamma = min(max(m * m / (m * m + s), 0.0), 1.0)
@@ -232,7 +263,9 @@ def test_msvag_ema_variance_is_the_paper_rule():
 
 def test_msvag_zero_gradient_and_zero_variance():
     d, st = F.msvag(torch.zeros(2, dtype=DT), torch.zeros(2, dtype=DT), {}, beta=0.9)
-    assert torch.equal(d, torch.zeros(2, dtype=DT)) and torch.equal(st["gamma"], torch.ones(2, dtype=DT))
+    assert torch.equal(d, torch.zeros(2, dtype=DT)) and torch.equal(
+        st["gamma"], torch.ones(2, dtype=DT)
+    )
     with pytest.raises(ValueError):
         F.msvag(rand(2), None, {}, beta=0.9, variance="batch")
 
@@ -253,10 +286,14 @@ def test_kronecker_block_caches_until_asked():
     Gbar, Abar = 0.9 * G1 + 0.1 * G2, 0.9 * A1 + 0.1 * A2
     torch.testing.assert_close(state["factors"][0], Gbar, **TOL)
     dG, dA = F.pi_dampings([Gbar, Abar], 1e-2)
-    ref = torch.linalg.solve(torch.kron(Gbar + dG * torch.eye(3, dtype=DT), Abar + dA * torch.eye(4, dtype=DT)),
-                             W.reshape(-1)).reshape(3, 4)
+    ref = torch.linalg.solve(
+        torch.kron(Gbar + dG * torch.eye(3, dtype=DT), Abar + dA * torch.eye(4, dtype=DT)),
+        W.reshape(-1),
+    ).reshape(3, 4)
     torch.testing.assert_close(blk.multiply(W, 1e-2), ref, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(blk.curvature_matvec(W), (torch.kron(Gbar, Abar) @ W.reshape(-1)).reshape(3, 4), **TOL)
+    torch.testing.assert_close(
+        blk.curvature_matvec(W), (torch.kron(Gbar, Abar) @ W.reshape(-1)).reshape(3, 4), **TOL
+    )
 
 
 def test_eigen_block_applies_current_damping():
@@ -266,7 +303,9 @@ def test_eigen_block_applies_current_damping():
     blk.update_factors([G, A], 0.95)
     blk.update_inverse(1.0)
     for lam in (1e-1, 1e-3):
-        ref = torch.linalg.solve(torch.kron(G, A) + lam * torch.eye(12, dtype=DT), W.reshape(-1)).reshape(3, 4)
+        ref = torch.linalg.solve(
+            torch.kron(G, A) + lam * torch.eye(12, dtype=DT), W.reshape(-1)
+        ).reshape(3, 4)
         torch.testing.assert_close(blk.multiply(W, lam), ref, **TOL)
     with pytest.raises(ValueError):
         KroneckerBlock({}, "cholesky")

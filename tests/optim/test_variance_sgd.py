@@ -1,4 +1,4 @@
-"""VarianceAdaptiveSGD (M-SVAG) against a hand-written float64 reference (per-sample gradients by torch.func)."""
+"""VarianceAdaptiveSGD (M-SVAG) against a hand-written float64 reference (torch.func per-sample)."""
 
 from __future__ import annotations
 
@@ -31,13 +31,17 @@ def reference(model, loss_fn, data, *, lr, momentum, weight_decay, variance):
                 hist_g[p].append(g[p])
                 # variance of a sum of N iid terms, unbiased
                 hist_s[p].append(N * terms[p].var(0, unbiased=True))
-                m = sum(wi * gi for wi, gi in zip(w, hist_g[p]))
+                m = sum(wi * gi for wi, gi in zip(w, hist_g[p], strict=True))
                 if variance == "batch":
-                    s = sum(wi**2 * si for wi, si in zip(w, hist_s[p]))
+                    s = sum(wi**2 * si for wi, si in zip(w, hist_s[p], strict=True))
                 else:
-                    v = sum(wi * gi**2 for wi, gi in zip(w, hist_g[p]))
+                    v = sum(wi * gi**2 for wi, gi in zip(w, hist_g[p], strict=True))
                     rho = sum(wi**2 for wi in w)
-                    s = torch.zeros_like(m) if t == 1 else rho * torch.clamp(v - m * m, min=0) / (1 - rho)
+                    s = (
+                        torch.zeros_like(m)
+                        if t == 1
+                        else rho * torch.clamp(v - m * m, min=0) / (1 - rho)
+                    )
                 gamma = m * m / (m * m + s)
                 p.mul_(1 - lr * weight_decay).sub_(lr * gamma * m)
         snaps.append(snapshot(model))
@@ -56,7 +60,7 @@ def test_msvag_matches_reference(variance, wd, reduction):
     opt = VarianceAdaptiveSGD(m, loss_fn, variance=variance, **hp)
     for t, (X, y) in enumerate(data):
         train(opt, m, loss_fn, [(X, y)])
-        for p, r in zip(m.parameters(), ref[t]):
+        for p, r in zip(m.parameters(), ref[t], strict=True):
             torch.testing.assert_close(p.detach(), r, rtol=1e-10, atol=1e-10)
     st = opt.state[m[0].weight]
     assert ((st["gamma"] >= 0) & (st["gamma"] <= 1)).all()
@@ -86,7 +90,7 @@ def test_batch_of_one_is_momentum_sgd():
     m1 = copy.deepcopy(model)
     o1 = VarianceAdaptiveSGD(m1, loss_fn, lr=0.1, momentum=0.5)
     train(o1, m1, loss_fn, data)
-    for p1, p2 in zip(m1.parameters(), ref.parameters()):
+    for p1, p2 in zip(m1.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p1.detach(), p2.detach() - 0.1 * g[p2], rtol=1e-12, atol=1e-12)
     assert torch.equal(o1.state[m1[0].weight]["gamma"], torch.ones_like(m1[0].weight))
     o1.close()
