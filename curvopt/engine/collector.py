@@ -68,6 +68,7 @@ class Record:
     columns: dict = field(default_factory=dict)  # kind -> [K, *output.shape]
     _layouts: dict | None = None
     order: int = 0
+    in_edge: object = None  # gradient edge of the module's input (KFRA's fast paths)
 
     @property
     def shape(self):
@@ -87,6 +88,13 @@ class Boundary:
     edge: object
     shape: tuple
     order: int
+    module: nn.Module = None
+    in_edge: object = None  # gradient edge of the module's input (None: no gradient)
+
+
+def _in_edge(args):
+    x = args[0] if args else None
+    return get_gradient_edge(x) if torch.is_tensor(x) and x.requires_grad else None
 
 
 @dataclass(eq=False)
@@ -266,13 +274,14 @@ class Collector:
         return hook
 
     def _boundary_hook(self, name):
-        def hook(module, args, output):
+        def hook(module, args, output):  # noqa: D401 - forward hook
             if KFRA not in self._by_type or not torch.is_grad_enabled() or self._computing:
                 return
             if torch.is_tensor(output) and output.requires_grad:
                 self._order += 1
                 self._boundaries.append(
-                    Boundary(name, get_gradient_edge(output), tuple(output.shape), self._order)
+                    Boundary(name, get_gradient_edge(output), tuple(output.shape), self._order,
+                             module, _in_edge(args))
                 )
 
         return hook
@@ -288,6 +297,7 @@ class Collector:
                 name=name, module=module, rule=rule, args=_detach_all(args),
                 kwargs={k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()},
                 output=out.detach(), edge=get_gradient_edge(out),
+                in_edge=_in_edge(args) if KFRA in self._by_type else None,
             )
             self._order += 1
             rec.order = self._order
@@ -389,7 +399,7 @@ class Collector:
                 for k, v in res.items():
                     setattr(p, k, v)
         for r in recs:  # free captured tensors and the graph node
-            r.args, r.kwargs, r.columns, r._layouts, r.edge = (), {}, {}, None, None
+            r.args, r.kwargs, r.columns, r._layouts, r.edge, r.in_edge = (), {}, {}, None, None, None
 
     def _param_by_name(self, name):
         if not hasattr(self, "_by_name"):

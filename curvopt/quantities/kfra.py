@@ -30,12 +30,16 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch import nn
 
 from .. import losses
 from ..engine import distributed
 from ..engine.distributed import Factors
 from ..errors import UnsupportedModuleError
+from ..rules.layout import Dense, DenseBound, Elementwise
 from .second_order import grads, kronecker
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 #: KFRA stops (with a warning) above a layer whose dense H̄ is larger than this per side ...
 MAX_KFRA_DIM = 8192
@@ -71,14 +75,15 @@ def propagate(col, lrec, recs, g_out):
         rho = N / n_glob if col.loss_fn.reduction == "mean" else 1.0
         H = H * rho
         torch.distributed.all_reduce(H)
-    src, src_grad, src_name, src_shape = o, g_out, "the loss input", tuple(o.shape)
+    src, src_grad, src_name, src_shape, src_stop = o, g_out, "the loss input", tuple(o.shape), None
     for i in reversed(range(len(stops))):
         b, g_true = stops[i], true[i]
         if g_true is None:
             continue
         D = int(torch.tensor(b.shape[1:]).prod()) if len(b.shape) > 1 else 1
         rank = H.shape[0]  # upper bound of the number of columns sent back
-        if D > MAX_KFRA_DIM or rank * N * D * D > MAX_KFRA_FLOPS:
+        cost = 0 if _fast(src_stop, b) else rank * N * D * D
+        if D > MAX_KFRA_DIM or cost > MAX_KFRA_FLOPS:
             skipped = [x.name for x in recs if x.order <= b.order]
             warnings.warn(
                 f"KFRA: the output of '{b.name}' has {D} elements per sample; the dense "
@@ -97,21 +102,91 @@ def propagate(col, lrec, recs, g_out):
                 f"avoid {src_name} (a residual connection or a branch), so KFRA's module-by-"
                 "module recursion is not defined on this graph. Use KFLR or KFAC."
             )
-        L = _sqrt_psd(H)  # [D_src, r]
-        cols = L.T.reshape(-1, 1, *src_shape[1:]).expand(-1, N, *src_shape[1:])
-        (V,) = grads(src, [b.edge], cols, batched=True)  # [r, N, *out]
-        if isinstance(V, list):
-            V = torch.stack(V)
-        if hasattr(b, "columns"):  # a parameterized layer: its G reads these columns
-            b.columns["kfra"] = V / N**0.5
-        Vf = V.reshape(V.shape[0], N, -1)
-        H = torch.einsum("jnd,jne->de", Vf, Vf) / N
+        H = _step(src_stop, b, H, src, src_shape, N)
         if dist_on:
             H = distributed.allreduce_mean_(H, N, n_glob)
-        src, src_grad, src_name, src_shape = b.edge, g_true, f"'{b.name}'", b.shape
+        if hasattr(b, "columns"):  # a parameterized layer: G is read off H̄ at its output
+            b.columns["kfra_H"] = H
+        src, src_grad, src_name, src_shape, src_stop = b.edge, g_true, f"'{b.name}'", b.shape, b
+
+
+#: parameter-free modules whose Jacobian is diagonal (elementwise), and shape-only modules
+_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
+                nn.SiLU, nn.Softplus, nn.LogSigmoid, nn.Hardtanh, nn.ReLU6, nn.Mish, nn.Hardswish,
+                nn.Hardsigmoid, nn.Tanhshrink, nn.Softsign)
+_RESHAPE = (nn.Flatten, nn.Unflatten, nn.Identity)
+
+
+def _fast(src_stop, b):
+    """The fast path for the segment from ``b`` up to ``src_stop``, or ``None``."""
+    if src_stop is None or src_stop.in_edge is None or src_stop.in_edge != b.edge:
+        return None
+    mod = src_stop.module
+    if isinstance(mod, _RESHAPE):
+        return "reshape"
+    if isinstance(mod, _ELEMENTWISE):
+        return "elementwise"
+    if isinstance(mod, nn.Linear) and len(b.shape) == 2:
+        return "linear"
+    return None
+
+
+def _step(src_stop, b, H, src, src_shape, N):
+    """H̄ at ``b`` from H̄ at ``src``: (1/N) Σ_n J_nᵀ H̄ J_n over the segment between them.
+
+    Fast paths when the segment is exactly one known module (its input is ``b``):
+    Linear (sample-independent: Wᵀ H̄ W), an elementwise activation
+    (H̄ ⊙ E_n[d_n d_nᵀ] with d_n its derivative), a reshape (H̄ itself).  Anything
+    else: the columns of H̄^{1/2}, broadcast to every sample, go back through autograd.
+    """
+    kind = _fast(src_stop, b)
+    if kind == "reshape":
+        return H
+    if kind == "elementwise":
+        ones = torch.ones(src_shape, dtype=H.dtype, device=H.device)
+        (d,) = torch.autograd.grad(src, b.edge, ones, retain_graph=True)
+        d = d.reshape(N, -1)
+        return H * (d.T @ d) / N
+    if kind == "linear":
+        W = src_stop.module.weight.detach().to(H.dtype)
+        return W.T @ H @ W
+    L = _sqrt_psd(H)  # [D_src, r]
+    cols = L.T.reshape(-1, 1, *src_shape[1:]).expand(-1, N, *src_shape[1:])
+    (V,) = grads(src, [b.edge], cols, batched=True)  # [r, N, *out]
+    if isinstance(V, list):
+        V = torch.stack(V)
+    Vf = V.reshape(V.shape[0], N, -1)
+    return torch.einsum("jnd,jne->de", Vf, Vf) / N
 
 
 def factors(items):
+    """``[G, A]`` (or ``[G]``, ``[block]``) with G read off H̄ at the layer output."""
+    if len(items) != 1:
+        return None
+    r, lay = items[0]
+    H = r.columns.get("kfra_H")
+    if H is None:
+        return None
+    out_shape = r.output.shape
+    N = out_shape[0]
+    if isinstance(lay, Dense) or (isinstance(lay, Elementwise) and lay.Xhat is None
+                                  and not isinstance(r.module, _NORMS)):
+        # Per-sample output order: Linear (s, o) -> per-row blocks ("expand");
+        # convolutions (c, p) -> all position pairs (BackPACK's G).
+        D = H.shape[0]
+        if isinstance(r.module, nn.Linear):
+            Do = out_shape[-1]
+            G = torch.einsum("sasb->ab", H.reshape(D // Do, Do, D // Do, Do))
+        else:
+            C = out_shape[1]
+            G = torch.einsum("apbq->ab", H.reshape(C, D // C, C, D // C))
+        if isinstance(lay, Elementwise):
+            return Factors.of([G], "A")
+        A = DenseBound(lay, None, lay.X, cot=True).kron_A()
+        return Factors.of([G, A], "AA")
+    # No Kronecker structure (norm parameters, fallback modules): the dense block of
+    # (1/N) Σ_n J_θ,nᵀ H̄ J_θ,n, from the columns of H̄^{1/2} broadcast to every sample.
+    L = _sqrt_psd(H)
+    r.columns["kfra"] = L.T.reshape(-1, 1, *out_shape[1:]).expand(-1, N, *out_shape[1:]) / N**0.5
     f = kronecker(items, "kfra")
-    # G is already the global batch average: under torch.distributed it is averaged, not summed.
     return None if f is None else Factors.of(f, "A" * len(f))

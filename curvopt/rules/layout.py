@@ -168,7 +168,7 @@ class Dense(Layout):
 class DenseBound(Bound):
     def __init__(self, layout: Dense, R: Tensor, X: Tensor, cot: Tensor | None = None):
         self.layout, self.R, self.X, self.cot = layout, R, X, cot
-        self.closed_form = R.shape[2] == 1
+        self.closed_form = R is not None and R.shape[2] == 1
 
     def merge(self, members):
         R = torch.cat([m.R for m in members], dim=2)
@@ -254,7 +254,7 @@ class DenseBound(Bound):
         return torch.einsum("nsgo,nsgi->goi", self.R[0], self.X).reshape(self.layout.shape)
 
     def _check_groups(self):
-        if self.R.shape[3] != 1:
+        if self.X.shape[2] != 1:
             raise UnsupportedModuleError(
                 "Kronecker factors of a grouped convolution (groups > 1) are not "
                 "block-Kronecker with one input factor; use DiagGGNExact/DiagGGNMC for it."
