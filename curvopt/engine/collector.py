@@ -297,7 +297,8 @@ class Collector:
                 name=name, module=module, rule=rule, args=_detach_all(args),
                 kwargs={k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()},
                 output=out.detach(), edge=get_gradient_edge(out),
-                in_edge=_in_edge(args) if KFRA in self._by_type else None,
+                in_edge=_in_edge(args) if (KFRA in self._by_type
+                                           or DiagHessian in self._by_type) else None,
             )
             self._order += 1
             rec.order = self._order

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.autograd.graph import GradientEdge
 
 from ..errors import UnsupportedModuleError
@@ -203,12 +204,14 @@ def propagate(col, lrec, recs, g_out):
     outs = torch.autograd.grad(
         o, [GradientEdge(n, 0) for n in nodes], g_out, retain_graph=True, allow_unused=True
     )
-    edges = [r.edge for r in recs]
     batched = _batched_ok(recs)
+    by_edge = {r.edge: r for r in recs}
 
-    def send(i, src, cols, w):  # cols [K, *x.shape], w [K, N]
-        res = grads(src, edges, cols, batched=batched)
-        for r, g in zip(recs, res):
+    def send(i, src, cols, w, targets):  # cols [K, *x.shape], w [K, N]
+        if not targets:
+            return
+        res = grads(src, [r.edge for r in targets], cols, batched=batched)
+        for r, g in zip(targets, res):
             if g is None:
                 continue
             if isinstance(g, list):
@@ -222,15 +225,20 @@ def propagate(col, lrec, recs, g_out):
             continue
         name = type(node).__name__
         src = GradientEdge(*node.next_functions[0])
+        below = [r for r in recs if r.edge.node in _nodes_below(src.node)]
         if name in NORMS:
             r_m, cols, w = _norm_residual(node, gb.detach())
-            if cols is not None:
-                send(k, src, cols, w)
-                k += 1
+            send(k, src, cols, w, below)
+            k += 1
         else:
             attr, d2 = SMOOTH[name]
             r_m = d2(node, getattr(node, attr).detach()) * gb  # [N, *a]
-        # The diagonal part: unit vectors e_k at the input, weighted by r_m per sample.
+        # The diagonal part Σ_k r_k (∂a_k/∂θ)²: closed forms where the Jacobian from the
+        # activation input to a layer output has one term per entry, columns elsewhere.
+        handled = _diagonal_fast_paths(src, r_m, by_edge)
+        rest = [r for r in below if r not in handled]
+        if not rest:
+            continue
         N = r_m.shape[0]
         D = r_m[0].numel()
         if D > MAX_RESIDUAL_ELEMENTS:
@@ -241,8 +249,64 @@ def propagate(col, lrec, recs, g_out):
             )
         eye = torch.eye(D, dtype=r_m.dtype, device=r_m.device)
         E = eye.reshape(D, 1, *r_m.shape[1:]).expand(D, *r_m.shape)
-        send(k, src, E, r_m.reshape(N, D).T.contiguous())
+        send(k, src, E, r_m.reshape(N, D).T.contiguous(), rest)
         k += 1
+
+
+#: elementwise graph nodes (smooth or piecewise linear): diagonal Jacobians
+_ELEMENTWISE_NODES = set(SMOOTH) | {"ReluBackward0", "LeakyReluBackward0", "ThresholdBackward0",
+                                     "HardtanhBackward0"}
+
+
+def _diag_ok(rec) -> bool:
+    return all(hasattr(lay, "diag_weighted") for lay in rec.layouts().values())
+
+
+def _add_diag(rec, w):
+    prev = rec.columns.get("diagres")
+    rec.columns["diagres"] = w if prev is None else prev + w
+
+
+def _diagonal_fast_paths(src, r, by_edge) -> set:
+    """Exact closed forms of Σ_k r_k (J_k·)² for the layers right at and one below ``src``.
+
+    * ``src`` is a layer's output (J = I): a diagonal residual ``r`` at that output.
+    * that layer is a Linear whose input is an elementwise function φ of another layer's
+      output: J = W diag(φ'), whose squared entries are W² diag(φ'²), so the residual
+      moves down as ``(r @ W²) ⊙ φ'²`` (the hint of Dangel et al.: no column propagation).
+    """
+    handled = set()
+    rec = by_edge.get(src)
+    if rec is None or not _diag_ok(rec):
+        return handled
+    _add_diag(rec, r)
+    handled.add(rec)
+    e = rec.in_edge
+    if not isinstance(rec.module, nn.Linear) or e is None:
+        return handled
+    if type(e.node).__name__ not in _ELEMENTWISE_NODES or not e.node.next_functions:
+        return handled
+    below = by_edge.get(GradientEdge(*e.node.next_functions[0]))
+    if below is None or not _diag_ok(below):
+        return handled
+    ones = torch.ones(below.output.shape, dtype=r.dtype, device=r.device)
+    # φ' at the lower layer's output: one backward through the elementwise node alone
+    (d,) = torch.autograd.grad(e, below.edge, ones.new_ones(rec.args[0].shape), retain_graph=True)
+    W2 = rec.module.weight.detach().to(r.dtype).pow(2)
+    _add_diag(below, (r @ W2) * d.pow(2))
+    handled.add(below)
+    return handled
+
+
+def _nodes_below(root) -> set:
+    seen, stack = set(), [root]
+    while stack:
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        stack.extend(nf for nf, _ in n.next_functions)
+    return seen
 
 
 def _norm_residual(node, g):
@@ -305,6 +369,9 @@ def _norm_residual(node, g):
 def residual_diagonal(items):
     p = items[0][1].param
     out = torch.zeros_like(p)
+    for r, lay in items:
+        if "diagres" in r.columns:
+            out = out + lay.diag_weighted(r.columns["diagres"])
     kinds = {k for r, _ in items for k in r.columns if k.startswith("res") and ":" not in k}
     for kind in sorted(kinds):
         out = out + diagonal(items, kind, weights=True)

@@ -161,6 +161,15 @@ class Dense(Layout):
     def kind(self):
         return ("dense", self.X.shape[2:], self.transposed)
 
+    def diag_weighted(self, w: Tensor) -> Tensor:
+        """:math:`\\sum_{n} \\mathrm{diag}(J_n^\\top \\mathrm{diag}(w_n) J_n)` for weights ``w``
+        shaped like the layer output: each output entry depends on a weight entry
+        through one term, so the result is :math:`\\sum_{n,s} w_{n,s,o} X_{n,s,i}^2`."""
+        R = self.rows(w.unsqueeze(0))[0]
+        if self.transposed:
+            return torch.einsum("nsgi,nsgo->gio", self.X.pow(2), R).reshape(self.shape)
+        return torch.einsum("nsgo,nsgi->goi", R, self.X.pow(2)).reshape(self.shape)
+
     def bind(self, cot):
         return DenseBound(self, self.rows(cot), self.X, cot)
 
@@ -310,6 +319,12 @@ class Elementwise(Layout):
 
     def kind(self):
         return ("elementwise", self.Xhat is None)
+
+    def diag_weighted(self, w: Tensor) -> Tensor:
+        """See :meth:`Dense.diag_weighted`: :math:`\\sum_{n,s} w_{n,s,d} \\hat X_{n,s,d}^2`."""
+        R = self.rows(w.unsqueeze(0))[0]
+        out = R.sum((0, 1)) if self.Xhat is None else (R * self.Xhat.pow(2)).sum((0, 1))
+        return out.reshape(self.shape)
 
     def bind(self, cot):
         return ElementwiseBound(self, self.rows(cot), self.Xhat)
