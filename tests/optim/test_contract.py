@@ -257,3 +257,29 @@ def test_state_is_created_lazily_and_hooks_are_removed():
     opt = DiagGGNAdam(m, LOSS)
     opt.close()
     assert not m._forward_hooks and not m._forward_pre_hooks and not LOSS._forward_hooks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["kfac_mc", "diag_ggn_adam_mc", "msvag"])
+def test_cuda_resume_is_bit_exact_and_leaves_the_cuda_rng_alone(name):
+    dev = torch.device("cuda")
+    data = [(X.to(dev), y.to(dev)) for X, y in batches(8, N=6)]
+    m1 = tiny_mlp(0).to(dev)
+    o1 = FACTORIES[name](m1, LOSS, seed=1)
+    train(o1, m1, LOSS, data[:3])
+    ckpt = copy.deepcopy({"model": m1.state_dict(), "opt": o1.state_dict()})
+    before = torch.cuda.get_rng_state(dev)
+    train(o1, m1, LOSS, data[3:])
+    assert torch.equal(before, torch.cuda.get_rng_state(dev))
+    m2 = tiny_mlp(5).to(dev)
+    m2.load_state_dict(ckpt["model"])
+    o2 = FACTORIES[name](m2, LOSS, seed=2)
+    o2.load_state_dict(ckpt["opt"])
+    train(o2, m2, LOSS, data[3:])
+    for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for p in m2.parameters():
+        tensors = [v for v in o2.state[p].values() if isinstance(v, torch.Tensor)]
+        assert all(v.device == p.device for v in tensors if v.dim() > 0)
+    o1.close()
+    o2.close()
