@@ -124,7 +124,7 @@ def concat(bounds: list[Bound]) -> list[Bound]:
 
 def _chunked_sum_sq(per_sample_fn, w, shape):
     ps = per_sample_fn()
-    sq = ps.pow(2)
+    sq = ps * ps
     if w is not None:
         sq = sq * w.reshape(*w.shape, *([1] * len(shape)))
     return sq.sum((0, 1))
@@ -234,12 +234,13 @@ class DenseBound(Bound):
         if S == 1:
             # (Σ_k w R²)ᵀ X² : no per-sample tensor needed
             R1 = R[:, :, 0]  # [K, N, g, Do]
+            # (elementwise square, then sum over k: einsum's contraction route was 4x slower)
             if w is not None:
-                R2 = torch.einsum("kngo,kngo,kn->ngo", R1, R1, w)
+                R2 = (R1 * R1 * w[:, :, None, None]).sum(0)
             elif K == 1:
                 R2 = R1[0] * R1[0]
             else:
-                R2 = torch.einsum("kngo,kngo->ngo", R1, R1)
+                R2 = (R1 * R1).sum(0)
             X1 = X[:, 0]
             return _gram(R2, X1 * X1, self.layout.transposed).reshape(self.layout.shape)
         per = self.layout.param.numel()
@@ -358,7 +359,10 @@ class ElementwiseBound(Bound):
 
     def per_sample(self):
         R = self.R
-        g = R.sum(2) if self.Xhat is None else torch.einsum("knsd,nsd->knd", R, self.Xhat)
+        if self.Xhat is None:
+            g = R[:, :, 0] if R.shape[2] == 1 else R.sum(2)
+        else:
+            g = (R * self.Xhat).sum(2)
         return g.reshape(*R.shape[:2], *self.layout.shape)
 
     def kron_G(self):
