@@ -93,17 +93,40 @@ def _onehot_columns(o: Tensor) -> Tensor:
     return eye.unsqueeze(1).expand(D, N, D).reshape(D, *o.shape)
 
 
+def _softmax_sqrt(p: Tensor) -> Tensor:
+    """``C−1`` columns ``[C-1, M, C]`` with :math:`\\sum_i s_i s_i^\\top = \\operatorname{diag}(p) - pp^\\top`.
+
+    The softmax Hessian :math:`D(I - qq^\\top)D` (:math:`q = \\sqrt p`, :math:`D = \\operatorname{diag} q`)
+    has rank ``C−1``. The Householder reflection :math:`P = I - 2vv^\\top/v^\\top v`,
+    :math:`v = q - e_j`, maps :math:`e_j` to :math:`q`, so its other columns are an
+    orthonormal basis of :math:`q^\\perp`: :math:`s_i = D P e_i`, :math:`i \\ne j`. Taking
+    ``j = argmin p`` keeps :math:`v^\\top v = 2 - 2q_j \\ge 2 - 2/\\sqrt C` away from 0.
+    One column fewer than :math:`D - pq^\\top` means one backward pass fewer.
+    """
+    M, C = p.shape
+    q = p.sqrt()
+    j = p.argmin(1)
+    v = q.clone()
+    v[torch.arange(M, device=p.device), j] -= 1.0
+    P = torch.eye(C, dtype=p.dtype, device=p.device) - 2 * v[:, :, None] * v[:, None, :] / (
+        v * v).sum(1)[:, None, None]  # [M, C(row), C(col)], symmetric
+    cols = q[:, None, :] * P  # row i of P is P e_i (symmetric): s_i = q ⊙ P e_i
+    # drop column j of every position: order the columns so that j comes last
+    order = torch.argsort((torch.arange(C, device=p.device)[None, :] == j[:, None]).to(torch.int8),
+                          dim=1, stable=True)[:, : C - 1]
+    cols = torch.gather(cols, 1, order[:, :, None].expand(M, C - 1, C))
+    return cols.transpose(0, 1)  # [C-1, M, C]
+
+
 def sqrt_hessian(loss_fn, o: Tensor, y: Tensor) -> Tensor:
     """Exact square root columns ``[K, *o.shape]`` with :math:`\\sum_k s_k s_k^\\top = f H`."""
     if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
         p, omega = _categorical_setup(loss_fn, o, y)
         C = p.shape[1]
-        sp = p.sqrt()
-        o = o.detach()
-        # S = diag(√p) − p √pᵀ, column c: √p_c (e_c − p)   (S Sᵀ = diag p − p pᵀ)
-        eye = torch.eye(C, dtype=p.dtype, device=p.device).reshape(C, 1, C, *([1] * (p.dim() - 2)))
-        cols = sp.transpose(0, 1).unsqueeze(2) * (eye - p.unsqueeze(0))
-        cols = cols * omega.sqrt().unsqueeze(0).unsqueeze(2)  # [C, N, C, d…]
+        cols = _softmax_sqrt(p.movedim(1, -1).reshape(-1, C))  # [C-1, N·d, C]
+        cols = cols.reshape(C - 1, *p.movedim(1, -1).shape).movedim(-1, 2)  # [C-1, N, C, d…]
+        cols = cols * omega.sqrt().unsqueeze(0).unsqueeze(2)
+        C = C - 1  # columns per position
         if p.dim() == 2:
             return cols
         # Positions are independent: one column per (class, position), else the outer
