@@ -626,3 +626,52 @@ def test_all_ten_at_once(case_name):
             for i, (ai, ti) in enumerate(zip(a, t)):
                 assert_close(ti, ai, f"{name}.{ext.savefield}[{i}] together vs alone",
                              rtol=1e-12, atol_rel=1e-13)
+
+
+# --------------------------------------------------------------------------- hypothesis
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from test_first_order import _build_conv, conv_configs  # noqa: E402
+
+
+@settings(max_examples=15, deadline=None)
+@given(cfg=conv_configs(), seed=st.integers(0, 2**16))
+def test_hypothesis_conv_diagonals(cfg, seed):
+    """DiagGGNExact and DiagHessian of random (transposed) convolutions vs the oracle."""
+    torch.manual_seed(seed)
+    built = _build_conv(cfg)
+    if built is None:
+        return
+    model, X = built
+    spec = cfg[-1]
+    loss_fn = spec.make(3)
+    y = make_target(spec, model(X), seed)
+    results, _ = run(model, loss_fn, X, y, [DiagGGNExact(), DiagHessian()])
+    check_diag(results, oracle.diag_by_param(ggn(model, loss_fn, X, y), model), "diag_ggn_exact",
+               what=f"{cfg}: ")
+    check_diag(results, oracle.diag_by_param(oracle.hessian_matrix(model, loss_fn, X, y), model),
+               "diag_h", what=f"{cfg}: ")
+
+
+@settings(max_examples=15, deadline=None)
+@given(widths=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+       act=st.sampled_from([nn.Sigmoid, nn.Tanh, nn.ELU, nn.GELU, nn.Softplus, nn.ReLU]),
+       N=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_hypothesis_mlp_second_order(widths, act, N, seed):
+    """DiagHessian (fast paths and columns), DiagGGNExact and KFRA of random MLPs."""
+    torch.manual_seed(seed)
+    dims = [3, *widths, 2]
+    layers = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), act()]
+    model = nn.Sequential(*layers[:-1]).double()
+    X = torch.randn(N, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (N,))
+    loss_fn = nn.CrossEntropyLoss()
+    results, _ = run(model, loss_fn, X, y, [DiagGGNExact(), DiagHessian(), KFRA()])
+    check_diag(results, oracle.diag_by_param(ggn(model, loss_fn, X, y), model), "diag_ggn_exact")
+    check_diag(results, oracle.diag_by_param(oracle.hessian_matrix(model, loss_fn, X, y), model),
+               "diag_h")
+    for name, factors in oracle.kfra_factors(model, loss_fn, X, y).items():
+        for got, exp in zip(results[name]["kfra"], factors):
+            assert_close(got, exp, f"{name}.kfra")

@@ -109,9 +109,14 @@ class ConvTransposeRule(Rule):
         def rows(cot):  # unfold the output gradient at the input positions
             K = cot.shape[0]
             c = cot.reshape(K * N, C_out, *cot.shape[3:])
-            # The adjoint of conv_transpose is conv with the same stride/padding/dilation;
-            # it yields exactly P_in positions (output_padding rows reach none).
-            U = unfold(c, ks, st, dil, pads, "constant")  # [K·N, P_in, C_out·k]
+            # The adjoint of conv_transpose is conv with the same stride/padding/dilation.
+            U = unfold(c, ks, st, dil, pads, "constant")  # [K·N, P', C_out·k]
+            # With output_padding >= stride it yields more positions than the input has
+            # (rows that pair with no input entry): keep the first L_in per dimension.
+            L = [(Lo + 2 * p - d * (k - 1) - 1) // s + 1 for Lo, p, d, k, s in
+                 zip(c.shape[2:], module.padding, dil, ks, st)]
+            if list(L) != list(x.shape[2:]):
+                U = U.reshape(K * N, *L, -1)[(slice(None), *(slice(0, n) for n in x.shape[2:]))]
             return U.reshape(K, N, P_in, g, -1)
 
         def kron_rows(cot):  # [K, N, C_out]: summed over output positions (BackPACK's G)
