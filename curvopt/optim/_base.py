@@ -39,10 +39,33 @@ runs reproducible).
 
 ``load_state_dict`` restores every state tensor with the dtype it was saved
 with (``torch.optim`` would cast float64 caches of a float32 model to float32).
+
+Under ``torch.distributed``
+---------------------------
+With a process group of more than one rank initialized (see
+:mod:`curvopt.optim._distributed`):
+
+* the engine's statistics already describe the global batch, so every
+  optimizer state is replicated (identical on all ranks);
+* a ``DistributedDataParallel`` model has its gradients averaged by DDP; for
+  a plain model the optimizer averages them in ``step()``, weighted by the
+  ranks' batch sizes (:attr:`sync_gradients`, ``"auto"``; ``False`` when the
+  training loop averages them itself);
+* whether the loss was finite is agreed over the ranks, so all skip a step or
+  none does;
+* rank ``r``'s private MC stream is seeded with ``seed + r``: the ranks draw
+  different samples, deterministically.  ``state_dict()`` holds the stream of
+  the rank that saved it (``"mc_rng_rank"``); loaded on that rank (rank 0 of
+  a checkpoint written by rank 0, or a single process) it continues
+  bit-exactly; any other rank derives a fresh stream from the saved state and
+  its rank.  Everything else in the state dict is the same on every rank, so a
+  checkpoint of rank 0 loads on any world size.  Tracked per-sample
+  quantities (``grad_batch``, ``batch_l2``) are the saving rank's own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 import weakref
 from collections.abc import Iterable
@@ -65,6 +88,7 @@ from ..extensions import (
     SumGradSquared,
     Variance,
 )
+from . import _distributed as D
 
 __all__ = ["CurvatureOptimizer", "parse_track", "ALL_EXTENSIONS"]
 
@@ -174,6 +198,25 @@ def _all_finite(value: Any) -> bool:
     return bool(torch.isfinite(torch.stack(sums)).all())
 
 
+def _derived_streams(states: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
+    """Rank ``rank``'s private streams derived from another rank's saved states.
+
+    The seed is a hash of the saved state and the rank, so the result is
+    deterministic and differs between ranks.
+    """
+    out = {}
+    for key, state in states.items():
+        h = hashlib.sha256(state.cpu().numpy().tobytes() + f"/rank{rank}".encode())
+        seed = int.from_bytes(h.digest()[:8], "little") >> 1
+        try:
+            gen = torch.Generator(device=key)
+        except RuntimeError:  # a device this process does not have: seeded lazily
+            continue
+        gen.manual_seed(seed)
+        out[key] = gen.get_state()
+    return out
+
+
 class CurvatureOptimizer(torch.optim.Optimizer):
     """Base class: a ``torch.optim.Optimizer`` holding a :class:`curvopt.Collector`.
 
@@ -227,6 +270,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._last_loss: Tensor | None = None
         self._batch_size: int | None = None
         self._consumed_results = None
+        self._dist_loss_bad = False
+        #: ``"auto"``: average the gradients over ranks in ``step()`` unless the model is
+        #: ``DistributedDataParallel`` (which does); ``True``/``False``: always/never.
+        self.sync_gradients: bool | str = "auto"
         self._collector = Collector(model, loss_fn, extensions=(), set_attributes=False)
         self._collector.attach()
         self._consumed_results = self._collector.results
@@ -257,11 +304,28 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # Runs before the engine's loss hook.  A non-finite loss would make the engine's
         # second-order backward fail (MC sampling from NaN probabilities) or return NaN
         # statistics: switch the engine off for this pass; step() then skips the step.
+        # Under torch.distributed the ranks agree first (the engine's reductions are
+        # collectives: all ranks must run them, or none).
+        second = any(e.needs_loss for e in self._collector.extensions)
         if (
+            second
+            and D.active()
+            and torch.is_grad_enabled()
+            and isinstance(output, Tensor)
+            and output.requires_grad
+        ):
+            self._dist_loss_bad = D.allreduce_flag(
+                not bool(torch.isfinite(output).all()), output.device
+            )
+            if self._dist_loss_bad:
+                self._collector.extensions = ()
+                self._mc_scheduled = False
+                return
+        elif (
             torch.is_grad_enabled()
             and isinstance(output, Tensor)
             and output.requires_grad
-            and any(e.needs_loss for e in self._collector.extensions)
+            and second
             and not bool(torch.isfinite(output).all())
         ):
             self._collector.extensions = ()
@@ -306,7 +370,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         state = self._mc_rng.get(key)
         if state is None:
             gen = torch.Generator(device=device)
-            gen.manual_seed(self._mc_seed)
+            gen.manual_seed(self._mc_seed + D.rank())  # rank r: seed + r
             state = gen.get_state()
         self._saved_user_rng = (device, _get_rng(device))
         _set_rng(device, state)
@@ -373,8 +437,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         params = self._params_with_grad()
         stats = self._fresh_stats()
         checked_loss = loss if isinstance(loss, Tensor) else self._last_loss
+        loss_bad = checked_loss is not None and not bool(torch.isfinite(checked_loss).all())
+        loss_bad = self._sync(params, loss_bad or self._dist_loss_bad)
+        self._dist_loss_bad = False
         bad = None
-        if checked_loss is not None and not bool(torch.isfinite(checked_loss).all()):
+        if loss_bad:
             bad = "loss"
         elif not _all_finite([p.grad for p in params]):
             bad = "gradient"
@@ -412,6 +479,22 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Apply the update; return ``False`` to mark the step as not taken."""
         raise NotImplementedError
 
+    def _sync(self, params: list[Tensor], loss_bad: bool) -> bool:
+        """Under ``torch.distributed``: average the gradients (if due); agree on ``loss_bad``."""
+        if not D.active():
+            return loss_bad
+        sync = self.sync_gradients
+        if sync == "auto":
+            sync = not isinstance(self.model, nn.parallel.DistributedDataParallel)
+        if sync:
+            mean = getattr(self.loss_fn, "reduction", "mean") != "sum"
+            return D.average_gradients([p.grad for p in params], self._batch_size, mean,
+                                       loss_bad)
+        dev = params[0].device if params else None
+        if dev is None:
+            dev = next(iter(self.model.parameters())).device
+        return D.allreduce_flag(loss_bad, dev)
+
     def _param_state(self, p: Tensor) -> dict:
         st = self.state[p]
         if "step" not in st:
@@ -432,6 +515,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "global_step": self._global_step,
             "mc_seed": self._mc_seed,
             "mc_rng": {k: v.clone() for k, v in self._mc_rng.items()},
+            "mc_rng_rank": D.rank(),
             **self._extra_state(),
         }
         return sd
@@ -451,6 +535,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._global_step = int(extra["global_step"])
             self._mc_seed = int(extra["mc_seed"])
             self._mc_rng = {k: v.clone() for k, v in extra["mc_rng"].items()}
+            if int(extra.get("mc_rng_rank", 0)) != D.rank():
+                self._mc_rng = _derived_streams(self._mc_rng, D.rank())
             self._load_extra_state(extra)
         self._consumed_results = self._collector.results
         self._mc_rng_before = None

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..extensions import KFAC, KFLR, KFRA, DiagGGNExact, DiagGGNMC, Extension
+from . import _distributed as D
 from . import functional as F
 from ._base import CurvatureOptimizer
 from .kronecker import DAMPING_MODES, DiagonalBlock, KroneckerBlock
@@ -181,6 +182,9 @@ class KFACOptimizer(CurvatureOptimizer):
         self.min_damping = float(min_damping)
         self._needs_diag = False
         self._warned_missing: set[int] = set()
+        #: Under ``torch.distributed``: compute each Kronecker block's inverse on one
+        #: rank (by cost) and broadcast it, instead of on every rank.
+        self.shard_inverses = True
         defaults = dict(
             lr=lr,
             damping=damping,
@@ -257,7 +261,7 @@ class KFACOptimizer(CurvatureOptimizer):
                 stacklevel=3,
             )
         inverse_due = self._inverse_due(step)
-        items = []  # (group, p, st, V)
+        blocks = []  # (group, p, st, block)
         missing = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -269,11 +273,15 @@ class KFACOptimizer(CurvatureOptimizer):
                 ):
                     missing.append(p)
                 blk = self._block(st)
-                if blk is None:
-                    continue
-                if inverse_due or not blk.has_inverse:
-                    blk.update_inverse(group["damping"])
-                items.append((group, p, st, blk.multiply(p.grad, group["damping"])))
+                if blk is not None:
+                    blocks.append((group, p, st, blk))
+        self._update_inverses(
+            [(g, blk) for g, _, _, blk in blocks if inverse_due or not blk.has_inverse]
+        )
+        items = [  # (group, p, st, V)
+            (group, p, st, blk.multiply(p.grad, group["damping"]))
+            for group, p, st, blk in blocks
+        ]
         if missing:
             self._needs_diag = True
             new = [tuple(p.shape) for p in missing if id(p) not in self._warned_missing]
@@ -316,6 +324,36 @@ class KFACOptimizer(CurvatureOptimizer):
         if adapt:
             self._adapt_damping(items, old, loss, closure)
         return None
+
+    def _update_inverses(self, todo) -> None:
+        """Recompute the caches of ``todo`` (``[(group, block)]``), sharded over the ranks.
+
+        In one process (or with ``shard_inverses=False``) every block is computed
+        here.  Under ``torch.distributed`` each Kronecker block is computed by one
+        rank, chosen by cost (:func:`curvopt.optim._distributed.assign_by_cost`), and
+        broadcast; the caches are bit-identical on every rank.
+        """
+        kron = [(g, b) for g, b in todo if isinstance(b, KroneckerBlock)]
+        world = D.world_size()
+        if world == 1 or not self.shard_inverses or len(kron) < 2:
+            for group, blk in todo:
+                blk.update_inverse(group["damping"])
+            return
+        for group, blk in todo:
+            if not isinstance(blk, KroneckerBlock):
+                blk.update_inverse(group["damping"])
+        owners = D.assign_by_cost([b.inverse_cost for _, b in kron], world)
+        me = D.rank()
+        tensors = []
+        for (group, blk), owner in zip(kron, owners, strict=True):
+            if owner == me:
+                blk.update_inverse(group["damping"])
+                tensors.append(blk.cache())
+            else:
+                tensors.append(blk.cache_buffers())
+        received = D.broadcast_from_owners(tensors, owners, world)
+        for (group, blk), owner, ts in zip(kron, owners, received, strict=True):
+            blk.set_cache(ts, group["damping"], computed_here=owner == me)
 
     def _base_step(self, items, nu):
         saved = []

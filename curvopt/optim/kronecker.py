@@ -91,6 +91,45 @@ class KroneckerBlock:
         self.state["inverse_damping"] = float(damping)
         self.state["inverse_updates"] = self.state.get("inverse_updates", 0) + 1
 
+    @property
+    def inverse_cost(self) -> float:
+        """:math:`\\sum_i d_i^3`: the relative cost of :meth:`update_inverse`."""
+        return float(sum(f.shape[0] ** 3 for f in self.factors))
+
+    def cache(self) -> list[Tensor]:
+        """The cached tensors, flat: inverses, or eigenvectors then eigenvalues."""
+        if self.damping_mode == "pi":
+            return list(self.state["inverses"])
+        return list(self.state["eigenvectors"]) + list(self.state["eigenvalues"])
+
+    def cache_buffers(self) -> list[Tensor]:
+        """Uninitialised tensors shaped like :meth:`cache` would be after an update."""
+        fs = self.factors
+        if fs is None:
+            raise RuntimeError("cache_buffers called before any factor update")
+        mats = [f.new_empty(f.shape) for f in fs]
+        if self.damping_mode == "pi":
+            return mats
+        return mats + [f.new_empty(f.shape[:1]) for f in fs]
+
+    def set_cache(self, tensors: Sequence[Tensor], damping: float,
+                  computed_here: bool = False) -> None:
+        """Install a cache computed elsewhere (another rank) as :meth:`update_inverse` would.
+
+        ``computed_here``: :meth:`update_inverse` ran on these factors already (only the
+        tensors are replaced, the counters are left alone).
+        """
+        tensors = list(tensors)
+        if self.damping_mode == "pi":
+            self.state["inverses"] = tensors
+        else:
+            k = len(tensors) // 2
+            self.state["eigenvectors"], self.state["eigenvalues"] = tensors[:k], tensors[k:]
+        if computed_here:
+            return
+        self.state["inverse_damping"] = float(damping)
+        self.state["inverse_updates"] = self.state.get("inverse_updates", 0) + 1
+
     def multiply(self, grad: Tensor, damping: float) -> Tensor:
         """The damped inverse curvature times ``grad`` (``grad``'s shape and dtype).
 
