@@ -72,6 +72,15 @@ class KFACOptimizer(CurvatureOptimizer):
     of the running-average curvature; :math:`\\omega = ` ``damping_adaptation_decay``.
     In ``"pi"`` mode a new λ takes effect at the next inverse update.
 
+    **Distributed** (a ``torch.distributed`` group of more than one rank; the model
+    plain or ``DistributedDataParallel``): the engine all-reduces the factors of
+    the global batch on factor-update steps only; gradients are averaged by DDP
+    or, for a plain model, by the optimizer (see :mod:`curvopt.optim._base`).  On
+    inverse-update steps each Kronecker block's inverse or eigendecomposition is
+    computed by one rank (greedy by :math:`\sum_i d_i^3`) and broadcast, so the
+    caches are bit-identical on all ranks (``shard_inverses=False`` attribute:
+    every rank computes all).  Each rank's MC stream is seeded ``seed + rank``.
+
     Args:
         model: the model (``params`` default to its trainable parameters).
         loss_fn: the loss module used in the training loop.
