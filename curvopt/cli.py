@@ -6,6 +6,14 @@
     curvopt compare recipes/digits_mlp_kfac.toml recipes/digits_mlp_adam.toml
     curvopt stats recipes/digits_mlp_kflr.toml --step 20
     curvopt check recipes/*.toml
+    curvopt run --nproc 2 recipes/digits_mlp_kfac.toml     # 2 processes on this machine
+    torchrun --nproc-per-node 2 -m curvopt run recipes/digits_mlp_kfac.toml
+
+``run --nproc N`` starts N worker processes (``python -m curvopt`` with the
+``torchrun`` environment: ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``PORT``);
+a ``curvopt run`` that finds ``WORLD_SIZE > 1`` in its environment joins that
+process group (gloo for CPU tensors, nccl for CUDA tensors when CUDA is
+available), trains on its shard of every batch, and rank 0 writes the outputs.
 
 Every recipe (and every ``--set``) is validated before any training starts; an
 invalid one exits with status 2 and one message naming the key at fault.
@@ -50,6 +58,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train one recipe; write metrics, plot and summary")
     p.add_argument("recipe", help="a recipe file (TOML)")
     training(p)
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N processes (torch.distributed, each on 1/N of every "
+                        "batch; default 1)")
 
     p = sub.add_parser("compare", help="train several recipes; overlay them in one plot and table")
     p.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe files (TOML)")
@@ -75,18 +86,106 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _env_world() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Start ``nproc`` ranks of ``python -m curvopt ARGV``; the first failure stops the rest."""
+    import subprocess
+    import time
+
+    base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+                WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
+    base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    procs = []
+    for rank in range(nproc):
+        env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
+        procs.append(subprocess.Popen([sys.executable, "-m", "curvopt", *argv], env=env,
+                                      stdout=None if rank == 0 else subprocess.DEVNULL))
+    code = 0
+    try:
+        while procs:
+            for p in list(procs):
+                rc = p.poll()
+                if rc is None:
+                    continue
+                procs.remove(p)
+                if rc != 0 and code == 0:
+                    code = rc
+                    for q in procs:  # the others would wait for it in a collective
+                        q.terminate()
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        raise
+    finally:
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return code
+
+
+def _init_distributed() -> bool:
+    """Join the process group the environment describes (``torchrun``); ``True`` if joined."""
+    if _env_world() <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    backend = "gloo"
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        backend = "cpu:gloo,cuda:nccl"
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, init_method="env://")
+    return True
+
+
 def _run(args: argparse.Namespace) -> int:
     from curvopt import recipes
-    from curvopt.recipes.runner import summary_table
+    from curvopt.recipes.runner import check_distributable, summary_table
 
     config = recipes.load(args.recipe, args.overrides)
-    echo = None if args.quiet else print
-    result, out = recipes.run(config, out=args.out, progress=args.progress, echo=echo)
-    print(summary_table([result]))
-    for warning in result.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    print(f"wrote {out}/ (metrics.jsonl, curves.png, summary.json, recipe.toml)")
-    return 0
+    if args.nproc < 1:
+        raise recipes.RecipeError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and _env_world() <= 1:
+        check_distributable(config)
+        return _launch(args.nproc, args.argv)
+    joined = _init_distributed()
+    try:
+        from curvopt.recipes.runner import dist_rank_world
+
+        rank = dist_rank_world()[0]
+        echo = None if args.quiet or rank != 0 else print
+        result, out = recipes.run(config, out=args.out, progress=args.progress, echo=echo)
+        if rank != 0:
+            return 0
+        print(summary_table([result]))
+        for warning in result.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"wrote {out}/ (metrics.jsonl, curves.png, summary.json, recipe.toml)")
+        return 0
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -138,7 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from curvopt.recipes.schema import RecipeError
 
     try:
-        args = make_parser().parse_args(None if argv is None else list(argv))
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = make_parser().parse_args(argv)
+        args.argv = argv
     except SystemExit as exit_:  # --help, or a bad command line (argparse printed why)
         return exit_.code if isinstance(exit_.code, int) else 2
     handler = {"run": _run, "compare": _compare, "stats": _stats, "check": _check}[args.command]

@@ -172,6 +172,7 @@ class Collector:
         self._handles: list = []
         self._pending: list[Record] = []
         self._boundaries: list[Boundary] = []  # parameter-free module outputs (KFRA only)
+        self._grad_was_none: set = set()
         self._order = 0
         self._loss_records: list[LossRecord] = []
         self._queued = False
@@ -302,6 +303,13 @@ class Collector:
             )
             self._order += 1
             rec.order = self._order
+            if Variance in self._by_type:
+                # p.grad then holds exactly this backward's gradient (see first_order.compute)
+                for p in module.parameters(recurse=False):
+                    if p.grad is None:
+                        self._grad_was_none.add(id(p))
+                    else:
+                        self._grad_was_none.discard(id(p))
             self._pending.append(rec)
             out.register_hook(_weak(self, "_grad_hook", rec))
 
@@ -399,6 +407,7 @@ class Collector:
                 p = self._param_by_name(name)
                 for k, v in res.items():
                     setattr(p, k, v)
+        self._grad_was_none = set()
         for r in recs:  # free captured tensors and the graph node
             r.args, r.kwargs, r.columns, r._layouts, r.edge, r.in_edge = (), {}, {}, None, None, None
 
@@ -429,7 +438,9 @@ def compute(col: Collector, recs: list[Record]) -> dict[str, dict]:
         res = {}
         if wanted_first:
             reuse = _reusable(col, name, p, items) if "grad_batch" in wanted_first else None
-            res.update(first_order.compute(items, wanted_first, totals, name, reuse))
+            grad = p.grad if (not dist_on and id(p) in col._grad_was_none and p.grad is not None
+                              and "variance" in wanted_first) else None
+            res.update(first_order.compute(items, wanted_first, totals, name, reuse, grad))
             gb = res.get("grad_batch")
             if gb is not None and gb._base is None:
                 _cache_put(p, gb)

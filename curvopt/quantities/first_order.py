@@ -17,7 +17,8 @@ from __future__ import annotations
 from ..rules.layout import concat
 
 
-def compute(items, wanted: set[str], totals: dict | None = None, key=None, reuse=None) -> dict:
+def compute(items, wanted: set[str], totals: dict | None = None, key=None, reuse=None,
+            grad=None) -> dict:
     r"""``items``: ``[(record, layout)]`` of one parameter; ``wanted``: savefields.
 
     ``totals``: if given, ``totals[key]`` receives :math:`\sum_n g_n` (used to combine
@@ -25,6 +26,10 @@ def compute(items, wanted: set[str], totals: dict | None = None, key=None, reuse
     ``reuse``: a ``[N, *p.shape]`` tensor nobody else holds (last step's ``grad_batch``):
     writing into it avoids the page faults of a fresh multi-MB allocation, which cost
     more than the arithmetic (measured 4x on the 784-256-256-10 MLP).
+    ``grad``: ``p.grad`` if it holds exactly this backward's gradient (it was ``None``
+    before); it replaces the :math:`\\sum_n g_n` product that Variance needs once a
+    random projection confirms that it equals it (a hook rescaling gradients, or a use
+    of the parameter outside the recorded layers, would fail the check).
     """
     bounds = concat([lay.bind(r.grad.unsqueeze(0)) for r, lay in items])
     N = items[0][1].N
@@ -60,7 +65,9 @@ def compute(items, wanted: set[str], totals: dict | None = None, key=None, reuse
         else:
             sgs = b.sum_sq() if need_sgs else None
             l2 = b.l2() if "batch_l2" in wanted else None
-            total = b.total() if "variance" in wanted else None
+            total = None
+            if "variance" in wanted:
+                total = grad if grad is not None and b.matches_total(grad) else b.total()
     if "sum_grad_squared" in wanted:
         out["sum_grad_squared"] = sgs
     if totals is not None and total is not None:

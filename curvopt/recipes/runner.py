@@ -5,6 +5,13 @@ curvopt's optimizers hold their hook engine themselves.  Each step appends a
 metrics record ``{step, epoch, train_loss, train_acc, test_loss, test_acc, lr,
 step_time}`` (test values at evaluation steps, else ``None``; ``stats`` at
 tracking steps); step 0 is the evaluation before training.
+
+Under ``torch.distributed`` (``curvopt run --nproc N``, or ``torchrun``) every rank
+draws the same global batches and trains on its own contiguous shard of each
+(sizes differ by at most one), so the global batch is the single-process one.
+curvopt's optimizers average the gradients themselves; for the others the loop
+averages them (weighted by shard size).  The recorded training loss and accuracy
+are those of the global batch; rank 0 writes the output folder.
 """
 
 from __future__ import annotations
@@ -113,6 +120,41 @@ class _Tracker:
         return out
 
 
+# --------------------------------------------------------------------------- distributed
+def dist_rank_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialized process group, ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(n: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous part of ``n`` samples (the first ``n % world`` get one more)."""
+    sizes = [n // world + (1 if r < n % world else 0) for r in range(world)]
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def _global_metrics(loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor, mean: bool,
+                    classification: bool, world: int) -> tuple[float, float | None]:
+    """Training loss and accuracy of the global batch from the rank-local ones."""
+    local = float(loss.detach())
+    if world == 1:
+        return local, (float((out.detach().argmax(1) == y).float().mean())
+                       if classification else None)
+    n = y.shape[0]
+    correct = float((out.detach().argmax(1) == y).sum()) if classification else 0.0
+    import torch.distributed as dist
+
+    t = torch.tensor([local * n if mean else local, correct, float(n)], dtype=torch.float64)
+    dist.all_reduce(t)
+    total, correct, n_global = (float(v) for v in t)
+    return (total / n_global if mean else total), (correct / n_global if classification
+                                                    else None)
+
+
 # ---------------------------------------------------------------------------------- loop
 def _evaluate(built: Built) -> dict[str, float | None]:
     model, data = built.model, built.data
@@ -129,7 +171,7 @@ def _evaluate(built: Built) -> dict[str, float | None]:
 
 
 def _step(built: Built, tracker: _Tracker, step: int, x: torch.Tensor,
-          y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+          y: torch.Tensor, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step; returns the model's output and the loss."""
     built.optimizer.zero_grad(set_to_none=True)
     with tracker.backward(step), warnings.catch_warnings():
@@ -138,8 +180,22 @@ def _step(built: Built, tracker: _Tracker, step: int, x: torch.Tensor,
         out = built.model(x)
         loss = built.loss_fn(out, y)
         loss.backward(create_graph=built.create_graph)
+    if world > 1 and not OPTIMIZERS[built.config.optimizer.name].takes_model:
+        from curvopt.optim._distributed import average_gradients
+
+        grads = [p.grad for p in built.model.parameters() if p.grad is not None]
+        average_gradients(grads, x.shape[0], built.loss_fn.reduction != "sum", False)
     built.optimizer.step()
     return out, loss
+
+
+def check_distributable(config: RecipeConfig) -> None:
+    """Raise :class:`RecipeError` if the recipe cannot run on several processes."""
+    if OPTIMIZERS[config.optimizer.name].create_graph:
+        raise RecipeError(
+            f"optimizer: {config.optimizer.name!r} needs backward(create_graph=True), which "
+            "curvopt does not run under torch.distributed; use one process"
+        )
 
 
 def _progress_bar(total: int, desc: str, progress: bool | None) -> Any:
@@ -163,9 +219,15 @@ def train(
     The test loss is the mean loss over the test set whatever ``loss.reduction`` is.
     A non-finite training loss ends the run early (``summary["diverged"]``).
     """
+    rank, world = dist_rank_world()
+    if world > 1:
+        check_distributable(config)
+    if rank != 0:
+        echo, progress = None, False
     built = build(config)
     tracker = _Tracker(built)
     optimizer, data = built.optimizer, built.data
+    mean = getattr(built.loss_fn, "reduction", "mean") != "sum"
     total = built.total_steps
     batches = data.batches(config.train.batch_size,
                            torch.Generator().manual_seed(config.train.seed))
@@ -180,16 +242,19 @@ def train(
     try:
         for step in range(1, total + 1):
             epoch, x, y = next(batches)
+            if world > 1:
+                part = shard(x.shape[0], rank, world)
+                x, y = x[part], y[part]
             t0 = time.perf_counter()
-            out, loss = _step(built, tracker, step, x, y)
+            out, loss = _step(built, tracker, step, x, y, world)
             step_time = time.perf_counter() - t0
             lr = optimizer.param_groups[0]["lr"]
             built.scheduler.step()
-            train_loss = float(loss.detach())
+            train_loss, train_acc = _global_metrics(loss, out, y, mean,
+                                                    data.task == "classification", world)
             rec: dict[str, Any] = {
                 "step": step, "epoch": round(epoch, 4), "train_loss": train_loss,
-                "train_acc": (float((out.detach().argmax(1) == y).float().mean())
-                              if data.task == "classification" else None),
+                "train_acc": train_acc,
                 "test_loss": None, "test_acc": None, "lr": lr, "step_time": step_time,
             }
             diverged = not math.isfinite(train_loss)
@@ -311,8 +376,9 @@ def run(config: RecipeConfig, out: str | Path | None = None, progress: bool | No
     """
     out = Path(out) if out is not None else default_out([config.name])
     result = train(config, progress=progress, echo=echo)
-    with atomic_dir(out) as tmp:
-        _write_run(result, tmp)
+    if dist_rank_world()[0] == 0:  # under torch.distributed: rank 0 writes
+        with atomic_dir(out) as tmp:
+            _write_run(result, tmp)
     return result, out
 
 

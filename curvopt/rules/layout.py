@@ -93,6 +93,10 @@ class Bound:
     def total(self) -> Tensor:  # sum over n of the K == 1 per-sample gradients
         return self.per_sample()[0].sum(0)
 
+    def matches_total(self, t: Tensor) -> bool:
+        """Whether ``t`` equals :meth:`total`; only layouts with a cheap check say yes."""
+        return False
+
     def dense_block(self) -> Tensor:
         """:math:`\\sum_{k,n} \\mathrm{vec}(\\nabla\\ell_{kn}) \\mathrm{vec}(\\nabla\\ell_{kn})^\\top`."""
         d = self.layout.param.numel()
@@ -172,6 +176,16 @@ class Dense(Layout):
 
     def bind(self, cot):
         return DenseBound(self, self.rows(cot), self.X, cot)
+
+
+_PROBE_GENERATORS: dict = {}
+
+
+def _probe_generator(device) -> torch.Generator:
+    key = str(device)
+    if key not in _PROBE_GENERATORS:
+        _PROBE_GENERATORS[key] = torch.Generator(device=device).manual_seed(0x5EED)
+    return _PROBE_GENERATORS[key]
 
 
 def _gram(R: Tensor, X: Tensor, transposed: bool) -> Tensor:
@@ -273,6 +287,24 @@ class DenseBound(Bound):
                 for n0 in range(0, N, step)
             ]
         )
+
+    def matches_total(self, t: Tensor) -> bool:
+        """``uᵀ t v == Σ_n (uᵀR_n)(X_nᵀ v)`` for random ``u, v``: O(N·(Do+Di)), not a product.
+
+        Exact equality has probability one to be detected as a mismatch when ``t`` differs
+        from the total; the tolerance only absorbs round-off.
+        """
+        R, X = self.R[0], self.X  # [N, S, g, Do], [N, S, g, Di]
+        if self.layout.transposed or R.shape[2] != 1:
+            return False
+        gen = _probe_generator(R.device)  # private: the user's RNG stream stays untouched
+        u = torch.randn(R.shape[-1], dtype=R.dtype, device=R.device, generator=gen)
+        v = torch.randn(X.shape[-1], dtype=X.dtype, device=X.device, generator=gen)
+        lhs = u @ t.reshape(R.shape[-1], X.shape[-1]) @ v
+        rhs = ((R[..., 0, :] @ u) * (X[..., 0, :] @ v)).sum()
+        tol = 1e-4 if R.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+        bound = (R[..., 0, :].abs() @ u.abs()).flatten() @ (X[..., 0, :].abs() @ v.abs()).flatten()
+        return bool((lhs - rhs).abs() <= tol * bound + 1e-30)
 
     def total(self):
         R, X = self.R[0], self.X
