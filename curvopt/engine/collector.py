@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
+from torch.nn.utils import parametrize
 
 from .. import losses, rules
 from ..errors import CollectError, UnsupportedLossError
@@ -227,20 +228,29 @@ class Collector:
                 "collect: this model already has an active curvopt collector (nested "
                 "collect, or an optimizer of curvopt holding one). Exit the other first."
             )
-        covered: list[str] = []
+        covered: list[str] = []  # modules whose whole subtree a generic rule handles
         for name, module in self.model.named_modules():
-            if any(name.startswith(c + ".") for c in covered):
+            if any(c == "" or name.startswith(c + ".") for c in covered):
                 continue
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 self._handles.append(module.register_forward_pre_hook(self._bn_check(name)))
+            if parametrize.is_parametrized(module):
+                # weight_norm / spectral_norm: the parameters live in a ParametrizationList
+                # child that is called without arguments; differentiate the module as a whole.
+                rule = rules.fallback.FALLBACK
+                covered.append(name)
+                self._handles.append(
+                    module.register_forward_hook(self._forward_hook(name, rule), with_kwargs=True)
+                )
+                continue
             if not own:
                 if not any(True for _ in module.children()):
                     # parameter-free leaf (activation, pooling, ...): a KFRA boundary
                     self._handles.append(module.register_forward_hook(self._boundary_hook(name)))
                 continue
             rule = rules.lookup(module)
-            if getattr(rule, "covers_subtree", False) and name:
+            if getattr(rule, "covers_subtree", False):
                 covered.append(name)
             self._handles.append(
                 module.register_forward_hook(self._forward_hook(name, rule), with_kwargs=True)
@@ -397,6 +407,9 @@ class Collector:
                 RuntimeWarning,
                 stacklevel=2,
             )
+        # Drop our reference to the previous results before computing: a user who kept
+        # that dict keeps its tensors from being recycled (see _reusable).
+        self.results = {}
         self._computing = True
         try:
             self.results = compute(self, recs)
@@ -483,21 +496,26 @@ def _cache_put(p, t):
 def _reusable(col: Collector, name: str, p: nn.Parameter, items) -> Tensor | None:
     """Last backward's ``grad_batch`` of ``p`` if only curvopt still references it.
 
-    Known references: the cache, the attribute on ``p`` and the previous results dict
-    (where they hold the same tensor), plus the two of this check itself; any other
-    reference (the user kept it) means a fresh tensor.
+    Known references: the cache and the attribute on ``p`` (when it holds the same
+    tensor), plus the two of this check itself.  Any other Python reference (the
+    user kept the tensor, or a results dict holding it) or any other tensor on the
+    same storage (``.detach()``, ``.data``, ``.numpy()``, views) means a fresh tensor.
     """
     cand = _cache_get(p)
-    if cand is None:
+    if cand is None or not hasattr(torch._C, "_storage_Use_Count"):
         return None
     known = 3  # cache entry + local variable + getrefcount's argument
     known += p.__dict__.get("grad_batch") is cand
-    known += col.results.get(name, {}).get("grad_batch") is cand
     N = items[0][1].N
     if (cand.shape != (N, *p.shape) or cand.dtype != p.dtype or cand.device != p.device
             or cand._base is not None or not cand.is_contiguous()):
         return None
-    return cand if sys.getrefcount(cand) == known else None
+    if sys.getrefcount(cand) != known:
+        return None
+    # 2 = this tensor + the temporary storage wrapper of the query
+    if torch._C._storage_Use_Count(cand.untyped_storage()._cdata) != 2:
+        return None
+    return cand
 
 
 @contextmanager

@@ -33,13 +33,25 @@ def register(*module_types: type):
 
 
 def lookup(module: nn.Module) -> Rule:
-    """The rule for ``module``: exact type first, then its base classes, then the fallback."""
-    for t in type(module).__mro__:
+    """The rule for ``module``: its type's, a base class's, else the generic fallback.
+
+    A subclass inherits its base's rule only if it keeps the base's ``forward`` and adds
+    no parameters of its own (a LoRA-style ``Linear`` subclass computes something else).
+    """
+    cls = type(module)
+    for t in cls.__mro__:
         if t in _REGISTRY:
-            return _REGISTRY[t]
+            if t is cls or (cls.forward is t.forward and _same_params(module, t)):
+                return _REGISTRY[t]
+            break
     from .fallback import FALLBACK
 
     return FALLBACK
+
+
+def _same_params(module: nn.Module, base: type) -> bool:
+    known = {"weight", "bias"}
+    return {n for n, _ in module.named_parameters(recurse=False)} <= known
 
 
 def fast_rule_types() -> list[str]:
