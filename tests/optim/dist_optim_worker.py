@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from curvopt.optim import KFACOptimizer
+from curvopt.optim import DiagGGNAdam, KFACOptimizer
 from curvopt.optim.kronecker import KroneckerBlock
 
 DT = torch.float64
@@ -38,6 +38,9 @@ def shard(N, world, rank):
 
 
 def make_optimizer(model, cfg):
+    if cfg.get("optimizer") == "diag_ggn_adam":
+        return DiagGGNAdam(model, nn.CrossEntropyLoss(reduction=cfg.get("reduction", "mean")),
+                           lr=0.05, seed=7)
     return KFACOptimizer(model, nn.CrossEntropyLoss(), lr=0.1, damping=cfg.get("damping", 1e-2),
                          curvature=cfg["curvature"], damping_mode=cfg.get("mode", "pi"),
                          inverse_update_freq=cfg.get("ifreq", 2), momentum=0.5, seed=7,

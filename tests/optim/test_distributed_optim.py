@@ -106,6 +106,15 @@ def test_ddp_eigen_two_ranks_match_one_process(tmp_path):
     assert all(o["inverses"] > 0 for o in outs)
 
 
+def test_diag_ggn_adam_sum_loss_unequal_shards_match_one_process(tmp_path):
+    # the base class: gradients of a plain model averaged by the optimizer (sum loss: added)
+    cfg = dict(optimizer="diag_ggn_adam", reduction="sum", N=9, steps=4)
+    outs = _spawn(2, tmp_path, cfg)
+    ref = W.train(cfg)
+    for out in outs:
+        _assert_same(out["params"], ref["params"])
+
+
 def test_kfac_mc_is_deterministic_and_rank_dependent(tmp_path):
     cfg = dict(curvature="kfac", N=8, steps=4, mode="pi", ifreq=1)
     a = _spawn(2, tmp_path, cfg)
