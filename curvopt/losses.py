@@ -40,6 +40,25 @@ def check_loss(loss_fn, what: str) -> None:
         )
 
 
+def mean_normalizer(loss_fn, o: Tensor, y: Tensor) -> Tensor:
+    """The denominator of a ``'mean'`` reduction on this batch (a 0-dim tensor).
+
+    Element count for MSE/BCE and unweighted cross-entropy; the summed class weights
+    of the non-ignored targets for weighted cross-entropy or with ``ignore_index``
+    (torch's own normalizer).  Used to combine ranks under torch.distributed.
+    """
+    o = o.detach()
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and not y.is_floating_point():
+        valid = y != loss_fn.ignore_index
+        w = valid.to(o.dtype)
+        if loss_fn.weight is not None:
+            w = w * loss_fn.weight.to(o.dtype)[torch.where(valid, y, torch.zeros_like(y))]
+        return w.sum()
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return o.new_tensor(o.numel() // o.shape[1])
+    return o.new_tensor(o.numel())
+
+
 # ---------------------------------------------------------------------- categorical
 def _categorical_setup(loss_fn, o: Tensor, y: Tensor):
     """Probabilities ``p`` (``[N, C, d…]``) and per-position weights ``ω`` (``[N, d…]``).

@@ -29,6 +29,10 @@ def make_problem(N=10, reduction="mean"):
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     X = torch.randn(N, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (N,))
+    if reduction == "weighted":  # class weights and ignored targets: the mean's denominator
+        y[1] = y[2] = -100       # is no longer proportional to the sample count
+        weight = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+        return model, nn.CrossEntropyLoss(weight=weight, ignore_index=-100), X, y
     return model, nn.CrossEntropyLoss(reduction=reduction), X, y
 
 

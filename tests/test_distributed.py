@@ -42,8 +42,9 @@ def _close(a, b):
 
 @pytest.mark.parametrize(
     "world,N,reduction,ddp",
-    [(2, 10, "mean", False), (3, 10, "mean", False), (2, 8, "sum", False), (2, 10, "mean", True)],
-    ids=["2ranks-mean", "3ranks-unequal", "2ranks-sum", "2ranks-ddp"],
+    [(2, 10, "mean", False), (3, 10, "mean", False), (2, 8, "sum", False), (2, 10, "mean", True),
+     (2, 10, "weighted", False)],
+    ids=["2ranks-mean", "3ranks-unequal", "2ranks-sum", "2ranks-ddp", "2ranks-weights-ignore"],
 )
 def test_global_batch_equals_single_process(tmp_path, world, N, reduction, ddp):
     procs, hung = _spawn(world, tmp_path, N=N, reduction=reduction, ddp=ddp)

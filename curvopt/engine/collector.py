@@ -106,6 +106,11 @@ class LossRecord:
     output: Tensor
 
 
+def _retire(rec: Record) -> None:
+    """Free a record's tensors and graph node (breaks the record <-> node cycle)."""
+    rec.args, rec.kwargs, rec.columns, rec._layouts, rec.edge, rec.in_edge = (), {}, {}, None, None, None
+
+
 def _weak(obj, method: str, *bound):
     """A tensor hook calling ``obj.method(*bound, grad)`` without keeping ``obj`` alive.
 
@@ -171,9 +176,15 @@ class Collector:
         self.single_backward = single_backward
         self._backwards = 0
         self._handles: list = []
+        # Records of forward passes not yet reached by a backward.  A record and its graph
+        # node reference each other through the output's hook (a cycle through C++ that
+        # Python's GC cannot see), so records are cleared explicitly (`_retire`) when a
+        # backward finishes without reaching them and on detach.
         self._pending: list[Record] = []
         self._boundaries: list[Boundary] = []  # parameter-free module outputs (KFRA only)
         self._grad_was_none: set = set()
+        self._normalizer = None  # this rank's mean-reduction denominator (distributed only)
+        self._loss_seen = False  # a loss-input hook fired in the running backward
         self._order = 0
         self._loss_records: list[LossRecord] = []
         self._queued = False
@@ -214,6 +225,21 @@ class Collector:
             losses.check_loss(self.loss_fn, type(second[0]).__name__)
         self._extensions = exts
         self._by_type = {type(e): e for e in exts}
+
+    def rank_share(self, n_local: int, n_global: int) -> float:
+        """ρ = f_global / f_local: this rank's share of the global mean normalizer.
+
+        The loss's own denominator (class weights, ignored targets) when the loss module
+        was seen, ``n_local / n_global`` without a loss function, 1 for a sum.
+        """
+        if self.loss_fn is not None and getattr(self.loss_fn, "reduction", "mean") == "sum":
+            return 1.0
+        if self._normalizer is None:
+            return n_local / n_global
+        local = self._normalizer.detach().double().reshape(1).clone()
+        glob = local.clone()
+        torch.distributed.all_reduce(glob)
+        return float(local / glob)
 
     def param_results(self, p: nn.Parameter) -> dict:
         """Results of the last backward for parameter ``p`` (empty if none)."""
@@ -264,6 +290,10 @@ class Collector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for r in self._pending:
+            _retire(r)
+        for lrec in self._loss_records:
+            lrec.input = lrec.output = None
         self._pending.clear()
         self._boundaries.clear()
         self._loss_records.clear()
@@ -328,6 +358,12 @@ class Collector:
     def _grad_hook(self, rec: Record, g: Tensor):
         if self._nested:
             return
+        if rec.edge is None and not rec.done:
+            raise CollectError(
+                f"backward reached layer '{rec.name}' of a forward pass that an earlier "
+                "backward (or leaving collect) retired. Run each forward's backward before "
+                "the next forward's backward."
+            )
         if rec.done or rec.grad is not None:
             raise CollectError(
                 f"backward reached layer '{rec.name}' a second time for the same forward pass "
@@ -354,8 +390,14 @@ class Collector:
         o = args[0]
         if not (torch.is_tensor(o) and o.requires_grad):
             return
+        if not self._pending:
+            # This model ran no hooked forward since the last backward: the loss module is
+            # shared with another model (or collector), and this call is not ours.
+            return
         lrec = LossRecord(module, o, args[1].detach() if len(args) > 1 else None, output)
         self._loss_records.append(lrec)
+        if distributed.active() and getattr(module, "reduction", "") == "mean" and lrec.target is not None:
+            self._normalizer = losses.mean_normalizer(module, o, lrec.target)
         if output.requires_grad:
             output.register_hook(_weak(self, "_loss_output_hook"))
         o.register_hook(_weak(self, "_loss_input_hook", lrec))
@@ -378,6 +420,18 @@ class Collector:
         self._queue()
         if not any(e.needs_loss for e in self._extensions):
             return
+        if lrec.input is None:
+            raise CollectError(
+                "backward reached a loss call of a forward pass that an earlier backward "
+                "retired. Run each forward's backward before the next forward's backward."
+            )
+        if self._loss_seen:
+            raise CollectError(
+                "one backward pass reached two calls of the loss module; curvopt's curvature "
+                "quantities need the model output to enter the loss once. Concatenate the "
+                "outputs (and targets) and call the loss once, or use one backward per loss."
+            )
+        self._loss_seen = True
         recs = [r for r in self._pending if not r.done]
         if not recs:
             return
@@ -390,9 +444,17 @@ class Collector:
     # -------------------------------------------------------------------------- finalize
     def _finalize(self):
         self._queued = False
+        self._loss_seen = False
         self._backwards += 1
         recs = [r for r in self._pending if r.grad is not None and not r.done]
-        self._pending = [r for r in self._pending if r.grad is None and not r.done]
+        # Forward passes this backward did not reach (an evaluation with gradients on, say)
+        # are retired: their graphs are freed, and a later backward through one raises.
+        for r in self._pending:
+            if r.grad is None:
+                _retire(r)
+        self._pending = []
+        for lrec in self._loss_records:
+            lrec.input = lrec.output = None
         self._boundaries = []
         self._loss_records.clear()
         for r in recs:
@@ -422,7 +484,7 @@ class Collector:
                     setattr(p, k, v)
         self._grad_was_none = set()
         for r in recs:  # free captured tensors and the graph node
-            r.args, r.kwargs, r.columns, r._layouts, r.edge, r.in_edge = (), {}, {}, None, None, None
+            _retire(r)
 
     def _param_by_name(self, name):
         if not hasattr(self, "_by_name"):
@@ -462,8 +524,7 @@ def compute(col: Collector, recs: list[Record]) -> dict[str, dict]:
     if dist_on and recs:
         n_local = next(iter(recs[0].layouts().values())).N
         n_global = distributed.global_batch(n_local, recs[0].output.device)
-        mean = col.loss_fn is None or getattr(col.loss_fn, "reduction", "mean") == "mean"
-        rho = n_local / n_global if mean else 1.0
+        rho = col.rank_share(n_local, n_global)
         distributed.reduce_results(out, totals, n_local, rho, n_global, gather=col.gather)
     return out
 

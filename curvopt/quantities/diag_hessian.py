@@ -168,6 +168,12 @@ def find_smooth(root, skip=()):
         if name in SMOOTH:
             if leaves.get(n.next_functions[0][0], frozenset()):
                 smooth.append(n)
+        elif name in ("DivBackward0",) and len(inputs) > 1 and inputs[1]:
+            raise UnsupportedModuleError(
+                "DiagHessian: a division by a parameter-dependent value (e.g. x / temperature "
+                "with a learnable temperature) is nonlinear in that parameter; curvopt does not "
+                "add its residual. Use DiagGGNExact, or multiply by a learnable inverse instead."
+            )
         elif name in BILINEAR:
             for i in range(len(inputs)):
                 for j in range(i + 1, len(inputs)):
@@ -282,12 +288,15 @@ def _diagonal_fast_paths(src, r, by_edge) -> set:
     _add_diag(rec, r)
     handled.add(rec)
     e = rec.in_edge
-    if not isinstance(rec.module, nn.Linear) or e is None:
+    if not _is_plain_linear(rec.module) or e is None:
         return handled
     if type(e.node).__name__ not in _ELEMENTWISE_NODES or not e.node.next_functions:
         return handled
     below = by_edge.get(GradientEdge(*e.node.next_functions[0]))
-    if below is None or not _diag_ok(below):
+    # Exact only if every parameter entry below feeds a single input feature of the
+    # Linear above within a row: true for a Linear below, not for a convolution or a
+    # norm whose parameters are shared across the positions that Linear mixes.
+    if below is None or not _diag_ok(below) or not _is_plain_linear(below.module):
         return handled
     ones = torch.ones(below.output.shape, dtype=r.dtype, device=r.device)
     # φ' at the lower layer's output: one backward through the elementwise node alone
@@ -296,6 +305,13 @@ def _diagonal_fast_paths(src, r, by_edge) -> set:
     _add_diag(below, (r @ W2) * d.pow(2))
     handled.add(below)
     return handled
+
+
+def _is_plain_linear(module) -> bool:
+    from ..rules import lookup
+    from ..rules.linear import LinearRule
+
+    return isinstance(lookup(module), LinearRule)
 
 
 def _nodes_below(root) -> set:

@@ -36,7 +36,9 @@ from .. import losses
 from ..engine import distributed
 from ..engine.distributed import Factors
 from ..errors import UnsupportedModuleError
+from ..rules import lookup
 from ..rules.layout import Dense, DenseBound, Elementwise
+from ..rules.linear import LinearRule
 from .second_order import grads, kronecker
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -72,7 +74,7 @@ def propagate(col, lrec, recs, g_out):
     dist_on = distributed.active()
     if dist_on:  # KFRA's recursion needs the global batch's H̄ at every step
         n_glob = distributed.global_batch(N, H.device)
-        rho = N / n_glob if col.loss_fn.reduction == "mean" else 1.0
+        rho = col.rank_share(N, n_glob)
         H = H * rho
         torch.distributed.all_reduce(H)
     src, src_grad, src_name, src_shape, src_stop = o, g_out, "the loss input", tuple(o.shape), None
@@ -126,7 +128,7 @@ def _fast(src_stop, b):
         return "reshape"
     if isinstance(mod, _ELEMENTWISE):
         return "elementwise"
-    if isinstance(mod, nn.Linear) and len(b.shape) == 2:
+    if isinstance(mod, nn.Linear) and isinstance(lookup(mod), LinearRule) and len(b.shape) == 2:
         return "linear"
     return None
 
