@@ -5,11 +5,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 
+import dist_worker
 import pytest
 import torch
 import torch.distributed as dist
-
-import dist_worker
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 

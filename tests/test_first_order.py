@@ -12,17 +12,13 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 
+import oracle
 import pytest
 import torch
+from cases import ALL_CASES, CASES_BY_NAME, Case, LossSpec, make_target, setup
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-
-import curvopt
-import oracle
-from cases import ALL_CASES, CASES_BY_NAME, Case, LossSpec, make_target, setup
-from curvopt.errors import CollectError, CurvoptError
-from curvopt.extensions import BatchGrad, BatchL2Grad, SumGradSquared, Variance
 from util import (
     FIRST_ORDER_FIELDS,
     assert_close,
@@ -33,6 +29,10 @@ from util import (
     hooks_snapshot,
     run,
 )
+
+import curvopt
+from curvopt.errors import CollectError, CurvoptError
+from curvopt.extensions import BatchGrad, BatchL2Grad, SumGradSquared, Variance
 
 SPECS = [LossSpec("ce", "mean"), LossSpec("ce", "sum"), LossSpec("mse", "mean"),
          LossSpec("mse", "sum")]

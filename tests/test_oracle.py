@@ -11,12 +11,10 @@ one position).
 
 from __future__ import annotations
 
+import oracle
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-import oracle
 from cases import (
     ALL_CASES,
     CASES_BY_NAME,
@@ -26,6 +24,7 @@ from cases import (
     make_target,
     setup,
 )
+from torch import nn
 
 DT = torch.float64
 LOSS_SPECS = [

@@ -21,13 +21,15 @@ Tolerances (float64): ``|got - oracle| <= 1e-12 * max|oracle| + 1e-10 |oracle|``
 
 from __future__ import annotations
 
+import oracle
 import pytest
 import torch
+from cases import ALL_CASES, CASES_BY_NAME, MLP_CASES, Case, LossSpec, make_target, setup
 from torch import nn
+from util import assert_close, field_of
+from util import run as _run
 
 import curvopt
-import oracle
-from cases import ALL_CASES, CASES_BY_NAME, MLP_CASES, Case, LossSpec, make_target, setup
 from curvopt.errors import CurvoptError, UnsupportedLossError, UnsupportedModuleError
 from curvopt.extensions import (
     KFAC,
@@ -41,8 +43,6 @@ from curvopt.extensions import (
     SumGradSquared,
     Variance,
 )
-from util import assert_close, field_of
-from util import run as _run
 
 
 def run(model, loss_fn, X, y, exts, **kw):

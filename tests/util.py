@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import oracle
 import torch
+from cases import Case, LossSpec, setup
 from torch import Tensor, nn
 
 import curvopt
-import oracle
-from cases import Case, LossSpec, setup
 
 FIRST_ORDER_FIELDS = ("grad_batch", "sum_grad_squared", "variance", "batch_l2")
 

@@ -35,13 +35,9 @@ from torch.nn.utils import parametrize
 from .. import losses, rules
 from ..errors import CollectError, UnsupportedLossError
 from ..extensions import (
-    KFAC,
-    KFLR,
     KFRA,
     BatchGrad,
     BatchL2Grad,
-    DiagGGNExact,
-    DiagGGNMC,
     DiagHessian,
     Extension,
     SumGradSquared,
@@ -500,7 +496,7 @@ def compute(col: Collector, recs: list[Record]) -> dict[str, dict]:
     """Group records by parameter and evaluate every requested quantity."""
     per_param: dict[nn.Parameter, list] = {}
     for r in recs:
-        for local, lay in r.layouts().items():
+        for lay in r.layouts().values():
             per_param.setdefault(lay.param, []).append((r, lay))
     wanted_first = {FIRST[t] for t in col._by_type if t in FIRST}
     dist_on = col.distributed == "auto" and distributed.active()

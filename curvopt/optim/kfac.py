@@ -77,7 +77,7 @@ class KFACOptimizer(CurvatureOptimizer):
     the global batch on factor-update steps only; gradients are averaged by DDP
     or, for a plain model, by the optimizer (see :mod:`curvopt.optim._base`).  On
     inverse-update steps each Kronecker block's inverse or eigendecomposition is
-    computed by one rank (greedy by :math:`\sum_i d_i^3`) and broadcast, so the
+    computed by one rank (greedy by :math:`\\sum_i d_i^3`) and broadcast, so the
     caches are bit-identical on all ranks (``shard_inverses=False`` attribute:
     every rank computes all).  Each rank's MC stream is seeded ``seed + rank``.
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.autograd.graph import GradientEdge
 
 from ..errors import UnsupportedModuleError

@@ -24,8 +24,8 @@ squares, squared norms, the total, and Kronecker factors.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
