@@ -123,6 +123,7 @@ def worker(rank, world, init_file, out_file, shard, ifreq, warmup_blocks, blocks
             "calls_mean": sum(calls) / len(calls),
         }, out_file)
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
 
 

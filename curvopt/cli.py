@@ -185,6 +185,10 @@ def _run(args: argparse.Namespace) -> int:
         if joined:
             import torch.distributed as dist
 
+            if sys.exc_info()[0] is None:
+                # Tear down together: a rank leaving while its peers' gloo threads still
+                # talk to it aborts the process.
+                dist.barrier()
             dist.destroy_process_group()
 
 

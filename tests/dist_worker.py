@@ -67,5 +67,6 @@ def worker(rank, world, init_file, out_dir, N, reduction, ddp, hang=False):
         res = {k.removeprefix("module."): v for k, v in col.results.items()}
         torch.save({k: {q: (list(t) if isinstance(t, list) else t) for q, t in v.items()}
                     for k, v in res.items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # tear down together (see tests/optim/dist_optim_worker.py)
     finally:
         dist.destroy_process_group()

@@ -100,5 +100,8 @@ def worker(rank, world, init_file, out_path, cfg, resume_path=None):
         resume = torch.load(resume_path, weights_only=False) if resume_path else None
         out = train(cfg, world, rank, resume)
         torch.save(out, os.path.join(out_path, f"rank{rank}.pt"))
+        # Tear down together: a rank that exits while its peer's gloo threads still talk
+        # to it aborts ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
