@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.autograd.graph import GradientEdge
 
 from ..errors import UnsupportedModuleError
-from .second_order import _batched_ok, diagonal, grads
+from .second_order import diagonal, send_back
 
 #: Residual columns are one backward pass per element of a sample's activation.
 MAX_RESIDUAL_ELEMENTS = 8192
@@ -209,20 +209,7 @@ def propagate(col, lrec, recs, g_out):
     outs = torch.autograd.grad(
         o, [GradientEdge(n, 0) for n in nodes], g_out, retain_graph=True, allow_unused=True
     )
-    batched = _batched_ok(recs)
     by_edge = {r.edge: r for r in recs}
-
-    def send(i, src, cols, w, targets):  # cols [K, *x.shape], w [K, N]
-        if not targets:
-            return
-        res = grads(src, [r.edge for r in targets], cols, batched=batched)
-        for r, g in zip(targets, res):
-            if g is None:
-                continue
-            if isinstance(g, list):
-                g = torch.stack([torch.zeros_like(r.output) if x is None else x for x in g])
-            r.columns[f"res{i}"] = g
-            r.columns[f"res{i}:w"] = w
 
     k = 0
     for node, gb in zip(nodes, outs):
@@ -233,7 +220,7 @@ def propagate(col, lrec, recs, g_out):
         below = [r for r in recs if r.edge.node in _nodes_below(src.node)]
         if name in NORMS:
             r_m, cols, w = _norm_residual(node, gb.detach())
-            send(k, src, cols, w, below)
+            send_back(src, below, cols, f"res{k}", w)
             k += 1
         else:
             attr, d2 = SMOOTH[name]
@@ -254,7 +241,7 @@ def propagate(col, lrec, recs, g_out):
             )
         eye = torch.eye(D, dtype=r_m.dtype, device=r_m.device)
         E = eye.reshape(D, 1, *r_m.shape[1:]).expand(D, *r_m.shape)
-        send(k, src, E, r_m.reshape(N, D).T.contiguous(), rest)
+        send_back(src, rest, E, f"res{k}", r_m.reshape(N, D).T.contiguous())
         k += 1
 
 

@@ -75,8 +75,14 @@ def grads(output, edges, columns, batched):
     return [None if all(x is None for x in lst) else lst for lst in per]
 
 
-def send_back(output, recs, columns, kind):
-    """``columns: [K, *output.shape]`` → ``rec.columns[kind]: [K, *rec.output.shape]``."""
+def send_back(output, recs, columns, kind, weights=None):
+    """``columns: [K, *output.shape]`` → ``rec.columns[kind]: [K, *rec.output.shape]``.
+
+    ``weights`` (``[K, N]``, DiagHessian's signed residual weights) go to
+    ``rec.columns[kind + ':w']`` of every record the columns reach.
+    """
+    if not recs:
+        return
     res = grads(output, [r.edge for r in recs], columns, _batched_ok(recs))
     for r, g in zip(recs, res):
         if g is None:
@@ -84,6 +90,8 @@ def send_back(output, recs, columns, kind):
         if isinstance(g, list):
             g = torch.stack([torch.zeros_like(r.output) if x is None else x for x in g])
         r.columns[kind] = g
+        if weights is not None:
+            r.columns[kind + ":w"] = weights
 
 
 def propagate(col, lrec, recs, g_out):

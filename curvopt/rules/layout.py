@@ -84,7 +84,7 @@ class Bound:
     # ... but the subclasses override what has a cheaper closed form.
     def sum_sq(self, w: Tensor | None = None) -> Tensor:
         """:math:`\\sum_{k,n} w_{kn} (\\nabla \\ell_{kn})^{\\odot 2}`, shape ``param.shape``."""
-        return _chunked_sum_sq(self.per_sample, w, self.layout.shape)
+        return _sum_sq_of_per_sample(self.per_sample, w, self.layout.shape)
 
     def l2(self) -> Tensor:  # [N], K == 1
         ps = self.per_sample()[0]
@@ -126,7 +126,7 @@ def concat(bounds: list[Bound]) -> list[Bound]:
     return out
 
 
-def _chunked_sum_sq(per_sample_fn, w, shape):
+def _sum_sq_of_per_sample(per_sample_fn, w, shape):
     ps = per_sample_fn()
     sq = ps * ps
     if w is not None:
