@@ -75,7 +75,8 @@ def compute(items, wanted: set[str], totals: dict | None = None, key=None, reuse
     if "variance" in wanted:
         if totals is not None and "sum_grad_squared" not in wanted:
             out["_sgs"] = sgs  # consumed (and removed) by the distributed reduction
-        out["variance"] = (sgs / N - (total / N).pow(2)).clamp_min(0)
+        # one allocation (fresh multi-MB tensors cost page faults): sgs/N − (total/N)²
+        out["variance"] = (sgs / N).addcmul_(total, total, value=-1.0 / N**2).clamp_min_(0)
     if "batch_l2" in wanted:
         out["batch_l2"] = l2
     return out

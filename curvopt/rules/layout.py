@@ -300,10 +300,14 @@ class DenseBound(Bound):
         gen = _probe_generator(R.device)  # private: the user's RNG stream stays untouched
         u = torch.randn(R.shape[-1], dtype=R.dtype, device=R.device, generator=gen)
         v = torch.randn(X.shape[-1], dtype=X.dtype, device=X.device, generator=gen)
-        lhs = u @ t.reshape(R.shape[-1], X.shape[-1]) @ v
-        rhs = ((R[..., 0, :] @ u) * (X[..., 0, :] @ v)).sum()
+        t2 = t.reshape(R.shape[-1], X.shape[-1])
+        lhs = u @ (t2 @ v)
+        Rf = R[:, :, 0].reshape(-1, R.shape[-1])  # every row of every sample
+        Xf = X[:, :, 0].reshape(-1, X.shape[-1])
+        rhs = ((Rf @ u) * (Xf @ v)).sum()
         tol = 1e-4 if R.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
-        bound = (R[..., 0, :].abs() @ u.abs()).flatten() @ (X[..., 0, :].abs() @ v.abs()).flatten()
+        # Cauchy-Schwarz scale of uᵀtv: round-off stays far below it, a real mismatch not
+        bound = torch.linalg.vector_norm(u) * torch.linalg.vector_norm(v) * torch.linalg.vector_norm(t2)
         return bool((lhs - rhs).abs() <= tol * bound + 1e-30)
 
     def total(self):
