@@ -25,6 +25,9 @@ import oracle
 import pytest
 import torch
 from cases import ALL_CASES, CASES_BY_NAME, MLP_CASES, Case, LossSpec, make_target, setup
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_first_order import _build_conv, conv_configs
 from torch import nn
 from util import assert_close, field_of
 from util import run as _run
@@ -629,9 +632,6 @@ def test_all_ten_at_once(case_name):
 
 
 # --------------------------------------------------------------------------- hypothesis
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from test_first_order import _build_conv, conv_configs  # noqa: E402
 
 
 @settings(max_examples=15, deadline=None)
