@@ -138,3 +138,36 @@ def test_diag_h_transport_only_onto_plain_linear(lower):
     exp = oracle.diag_by_param(oracle.hessian_matrix(m, lf, X, y), m)
     for name, e in exp.items():
         torch.testing.assert_close(col.results[name]["diag_h"], e, rtol=1e-9, atol=1e-12)
+
+
+class TiedEmbedding(nn.Module):
+    """An embedding whose weight is reused functionally as the output layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, idx):
+        h = torch.tanh(self.lin(self.emb(idx))).mean(1)
+        return torch.nn.functional.linear(h, self.emb.weight)
+
+
+def test_use_outside_the_module_warns_instead_of_silent_partial_results():
+    m = TiedEmbedding()
+    lf = nn.CrossEntropyLoss()
+    X, y = torch.randint(0, 7, (5, 3)), torch.randint(0, 7, (5,))
+    with pytest.warns(RuntimeWarning, match="emb.weight"):
+        with curvopt.collect(m, lf, BatchGrad()):
+            lf(m(X), y).backward()
+
+
+def test_fully_recorded_model_does_not_warn():
+    import warnings
+
+    m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2))
+    lf = nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with curvopt.collect(m, lf, BatchGrad(), KFLR()):
+            lf(m(torch.randn(4, 2, 4, 4)), torch.randint(0, 2, (4,))).backward()

@@ -339,13 +339,13 @@ class Collector:
             )
             self._order += 1
             rec.order = self._order
-            if Variance in self._by_type:
-                # p.grad then holds exactly this backward's gradient (see first_order.compute)
-                for p in module.parameters(recurse=False):
-                    if p.grad is None:
-                        self._grad_was_none.add(id(p))
-                    else:
-                        self._grad_was_none.discard(id(p))
+            # Parameters without a gradient now will hold exactly this backward's gradient:
+            # Variance reuses it, and _check_coverage compares it with the recorded uses.
+            for p in rec.module.parameters():
+                if p.grad is None:
+                    self._grad_was_none.add(id(p))
+                else:
+                    self._grad_was_none.discard(id(p))
             self._pending.append(rec)
             out.register_hook(_weak(self, "_grad_hook", rec))
 
@@ -509,13 +509,15 @@ def compute(col: Collector, recs: list[Record]) -> dict[str, dict]:
         res = {}
         if wanted_first:
             reuse = _reusable(col, name, p, items) if "grad_batch" in wanted_first else None
-            grad = p.grad if (not dist_on and id(p) in col._grad_was_none and p.grad is not None
-                              and "variance" in wanted_first) else None
+            fresh = not dist_on and id(p) in col._grad_was_none and p.grad is not None
+            grad = p.grad if fresh and "variance" in wanted_first else None
             res.update(first_order.compute(items, wanted_first, totals, name, reuse, grad))
             gb = res.get("grad_batch")
             if gb is not None and gb._base is None:
                 _cache_put(p, gb)
         res.update(second_order.compute(col, items))
+        if not dist_on and id(p) in col._grad_was_none and p.grad is not None:
+            _check_coverage(name, p, items)
         out[name] = res
     if dist_on and recs:
         n_local = next(iter(recs[0].layouts().values())).N
@@ -523,6 +525,41 @@ def compute(col: Collector, recs: list[Record]) -> dict[str, dict]:
         rho = col.rank_share(n_local, n_global)
         distributed.reduce_results(out, totals, n_local, rho, n_global, gather=col.gather)
     return out
+
+
+def _check_coverage(name: str, p: nn.Parameter, items) -> None:
+    """Warn if ``p.grad`` is not the sum of the recorded uses' per-sample gradients.
+
+    That happens when a weight is also used outside its module (``F.linear(h,
+    emb.weight)`` for tied embeddings) or a gradient hook rescales it: the quantities
+    would silently describe only the recorded uses.  Cheap: a random projection for
+    dense layers, the (small) total otherwise.
+    """
+    from ..rules.layout import DenseBound, concat
+
+    bounds = concat([lay.bind(r.grad.unsqueeze(0)) for r, lay in items])
+    if len(bounds) != 1:
+        return
+    b = bounds[0]
+    if isinstance(b, DenseBound):
+        if b.X.shape[2] != 1 or b.layout.transposed or b.matches_total(p.grad):
+            return
+    else:
+        total = b.total()
+        tol = 1e-4 if total.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+        scale = float(total.abs().max()) if total.numel() else 0.0
+        if scale == scale and torch.allclose(total, p.grad, rtol=tol, atol=tol * scale + 1e-30):
+            return
+    if not torch.isfinite(p.grad).all():
+        return  # already reported by the non-finite gradient warning
+    warnings.warn(
+        f"curvopt: the gradient of '{name}' differs from the sum over its recorded module "
+        "calls: the parameter is also used outside its module (e.g. a tied weight used via "
+        "F.linear) or a gradient hook changed it. Its per-sample and curvature quantities "
+        "cover only the recorded calls; route every use through the module.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 #: The last ``grad_batch`` tensor handed out for each parameter (dropped with the
