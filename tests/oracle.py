@@ -117,7 +117,11 @@ def _jacobian(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     relies on nothing but the ordinary autograd engine.
     """
     xr = x.detach().clone().requires_grad_(True)
-    out = fn(xr).reshape(-1)
+    return _rows(fn(xr).reshape(-1), xr)
+
+
+def _rows(out: Tensor, xr: Tensor) -> Tensor:
+    """``[out.numel(), xr.numel()]``: one backward pass per entry of ``out``."""
     rows = []
     for i in range(out.numel()):
         if not out.requires_grad:
@@ -134,15 +138,7 @@ def _hessian(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     # the fused CPU attention kernels have no double backward: use the math one
     with sdpa_kernel(SDPBackend.MATH):
         (g,) = torch.autograd.grad(fn(xr), xr, create_graph=True)
-    g = g.reshape(-1)
-    rows = []
-    for i in range(g.numel()):
-        if not g.requires_grad:
-            rows.append(torch.zeros(xr.numel(), dtype=xr.dtype))
-            continue
-        (h,) = torch.autograd.grad(g[i], xr, retain_graph=True, allow_unused=True)
-        rows.append(torch.zeros(xr.numel(), dtype=xr.dtype) if h is None else h.reshape(-1))
-    return torch.stack(rows)
+        return _rows(g.reshape(-1), xr)
 
 
 def output_hessian(loss_fn: nn.Module, out: Tensor, y: Tensor) -> Tensor:
