@@ -171,19 +171,20 @@ def sqrt_hessian(loss_fn, o: Tensor, y: Tensor) -> Tensor:
     raise UnsupportedLossError(f"no Hessian square root for {type(loss_fn).__name__}")
 
 
-def mc_sqrt_hessian(loss_fn, o: Tensor, y: Tensor, mc_samples: int) -> Tensor:
+def mc_sqrt_hessian(loss_fn, o: Tensor, y: Tensor, mc_samples: int,
+                    generator: torch.Generator | None = None) -> Tensor:
     """MC columns ``[M, *o.shape]`` with :math:`E[\\sum_m s_m s_m^\\top] = f H`.
 
     Each column is :math:`\\sqrt{f/M}\\,\\nabla_o \\ell(o, \\tilde y_m)` with
     :math:`\\tilde y_m` drawn from the likelihood the loss is the negative log of.
-    Draws use torch's global RNG.
+    Draws use ``generator`` (torch's global RNG when ``None``).
     """
     M = mc_samples
     if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
         p, omega = _categorical_setup(loss_fn, o, y)
         C = p.shape[1]
         flat = p.movedim(1, -1).reshape(-1, C)
-        draws = torch.multinomial(flat, M, replacement=True)  # [N·d, M]
+        draws = torch.multinomial(flat, M, replacement=True, generator=generator)  # [N·d, M]
         onehot = torch.nn.functional.one_hot(draws.T, C).to(p.dtype)  # [M, N·d, C]
         onehot = onehot.reshape(M, *p.movedim(1, -1).shape).movedim(-1, 2)
         return (p.unsqueeze(0) - onehot) * (omega / M).sqrt().unsqueeze(0).unsqueeze(2)
@@ -191,7 +192,7 @@ def mc_sqrt_hessian(loss_fn, o: Tensor, y: Tensor, mc_samples: int) -> Tensor:
     if isinstance(loss_fn, nn.MSELoss):
         f = 1.0 / o.numel() if loss_fn.reduction == "mean" else 1.0
         # ỹ ~ N(o, 1/2): ∇(o−ỹ)² = 2(o−ỹ) = −√2 ε, whose covariance is 2I = ∇²(o−y)².
-        eps = torch.randn(M, *o.shape, dtype=o.dtype, device=o.device)
+        eps = torch.randn(M, *o.shape, dtype=o.dtype, device=o.device, generator=generator)
         return eps * (-(2.0 * f / M) ** 0.5)
     if isinstance(loss_fn, nn.BCEWithLogitsLoss):
         if loss_fn.pos_weight is not None:
@@ -200,7 +201,7 @@ def mc_sqrt_hessian(loss_fn, o: Tensor, y: Tensor, mc_samples: int) -> Tensor:
                 "Bernoulli, so its MC Fisher differs from the GGN; use the exact quantities."
             )
         s = torch.sigmoid(o)
-        draws = torch.bernoulli(s.unsqueeze(0).expand(M, *o.shape))
+        draws = torch.bernoulli(s.unsqueeze(0).expand(M, *o.shape), generator=generator)
         w = 1.0 if loss_fn.weight is None else loss_fn.weight
         f = 1.0 / o.numel() if loss_fn.reduction == "mean" else 1.0
         return (s - draws) * (w * f / M) ** 0.5

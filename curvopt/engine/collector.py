@@ -170,6 +170,9 @@ class Collector:
         self.distributed = distributed
         self.gather = gather
         self.single_backward = single_backward
+        #: ``None`` (MC targets from torch's global RNG) or ``device -> torch.Generator``:
+        #: a private stream (the optimizers' own, so the user's RNG is never touched).
+        self.mc_generator = None
         self._backwards = 0
         self._handles: list = []
         # Records of forward passes not yet reached by a backward.  A record and its graph

@@ -104,7 +104,8 @@ def propagate(col, lrec, recs, g_out):
     for t, kind in mc.items():
         if kind in recs[0].columns or any(kind in r.columns for r in recs):
             continue
-        S = losses.mc_sqrt_hessian(loss_fn, o, y, exts[t].mc_samples)
+        gen = col.mc_generator(o.device) if col.mc_generator is not None else None
+        S = losses.mc_sqrt_hessian(loss_fn, o, y, exts[t].mc_samples, gen)
         send_back(o, recs, S, kind)
     if KFRA in exts:
         from . import kfra
