@@ -173,6 +173,10 @@ class Collector:
         #: ``None`` (MC targets from torch's global RNG) or ``device -> torch.Generator``:
         #: a private stream (the optimizers' own, so the user's RNG is never touched).
         self.mc_generator = None
+        #: ``None`` (every quantity for every parameter) or ``{savefield: parameters}``:
+        #: a quantity named here is computed only for those parameters (an optimizer asks
+        #: Kronecker factors for some parameters and diagonals for others).
+        self.only: dict | None = None
         self._backwards = 0
         self._handles: list = []
         # Records of forward passes not yet reached by a backward.  A record and its graph

@@ -168,9 +168,12 @@ def kronecker(items, kind):
 
 
 def compute(col, items) -> dict:
-    exts = col._by_type
+    p = items[0][1].param
+    exts = {t: e for t, e in col._by_type.items()
+            if col.only is None or t.savefield not in col.only
+            or any(q is p for q in col.only[t.savefield])}
     out = {}
-    mc = _mc_kinds(exts)
+    mc = _mc_kinds(col._by_type)
     if DiagGGNExact in exts:
         out["diag_ggn_exact"] = diagonal(items, "exact")
     if DiagGGNMC in exts:

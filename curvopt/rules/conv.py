@@ -65,6 +65,9 @@ def _mode(module):
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(Rule):
+    def kronecker(self, module):
+        return {"weight", "bias"} if module.groups == 1 else {"bias"}
+
     def layouts(self, module, args, kwargs, output):
         x = args[0]
         if x.dim() == module.weight.dim() - 1:
@@ -93,6 +96,9 @@ class ConvRule(Rule):
 
 @register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 class ConvTransposeRule(Rule):
+    def kronecker(self, module):
+        return {"weight", "bias"} if module.groups == 1 else {"bias"}
+
     def layouts(self, module, args, kwargs, output):
         x = args[0]
         if x.dim() == module.weight.dim() - 1:

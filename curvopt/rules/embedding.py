@@ -11,6 +11,9 @@ from .layout import Embedding, Rule
 
 @register(nn.Embedding)
 class EmbeddingRule(Rule):
+    def kronecker(self, module):
+        return {"weight"}
+
     def layouts(self, module, args, kwargs, output):
         if module.scale_grad_by_freq:
             raise UnsupportedModuleError(

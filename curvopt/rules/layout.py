@@ -42,7 +42,14 @@ MAX_DENSE_BLOCK = 4096
 class Rule:
     """Base class of the per-module rules (see :mod:`curvopt.rules`)."""
 
-    #: whether the rule is exact for per-sample quantities; the fallback says so too.
+    def kronecker(self, module) -> set[str]:
+        """Names of ``module``'s own parameters whose ``kfac``/``kflr`` are Kronecker factors.
+
+        The others get a single dense GGN block (refused above :data:`MAX_DENSE_BLOCK`
+        entries per side); optimizers give them a diagonal instead.
+        """
+        return set()
+
     def layouts(self, module, args, kwargs, output) -> dict[str, Layout]:
         """Map each own parameter name of ``module`` to its :class:`Layout`."""
         raise NotImplementedError

@@ -10,6 +10,9 @@ from .layout import Dense, Elementwise, Rule
 
 @register(nn.Linear)
 class LinearRule(Rule):
+    def kronecker(self, module):
+        return {"weight", "bias"}
+
     def layouts(self, module, args, kwargs, output):
         x = args[0]
         N, Di, Do = x.shape[0], module.in_features, module.out_features
