@@ -7,7 +7,11 @@ parameter formed?  The answer is a :class:`~curvopt.rules.layout.Layout`; the
 layer-agnostic formulas in :mod:`curvopt.quantities` consume only layouts.
 
 Adding a layer = writing a rule (a subclass of :class:`Rule` with
-``layouts()``) and registering it with :func:`register`.  Unknown modules
+``layouts()``; optionally ``kronecker()``, ``kfra_G()``, ``kfra_step()``,
+``check()``, ``transports_diagonal``: everything curvopt knows about a layer
+type lives in its rule) in a new file here, registered with :func:`register`
+and imported at the bottom of this module.  Parameter-free modules (activations,
+reshapes) that KFRA steps over in closed form are listed in :mod:`.activations`.  Unknown modules
 that own parameters fall back to :class:`~curvopt.rules.fallback.FallbackRule`
 (``torch.func`` per-sample gradients): slower, never wrong.
 """
@@ -15,7 +19,9 @@ that own parameters fall back to :class:`~curvopt.rules.fallback.FallbackRule`
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.utils import parametrize
 
+from .fallback import FALLBACK
 from .layout import Dense, Elementwise, Embedding, Layout, Materialized, Rule
 
 _REGISTRY: dict[type, Rule] = {}
@@ -37,30 +43,43 @@ def lookup(module: nn.Module) -> Rule:
 
     A subclass inherits its base's rule only if it keeps the base's ``forward`` and adds
     no parameters of its own (a LoRA-style ``Linear`` subclass computes something else).
+    A parametrized module (``weight_norm``, ``spectral_norm``: its parameters live in a
+    ``ParametrizationList`` child called without arguments) is differentiated as a whole.
     """
+    if parametrize.is_parametrized(module):
+        return FALLBACK
     cls = type(module)
     for t in cls.__mro__:
         if t in _REGISTRY:
-            if t is cls or (cls.forward is t.forward and _same_params(module, t)):
+            if t is cls or (cls.forward is t.forward and _same_params(module)):
                 return _REGISTRY[t]
             break
-    from .fallback import FALLBACK
-
     return FALLBACK
 
 
-def _same_params(module: nn.Module, base: type) -> bool:
-    known = {"weight", "bias"}
-    return {n for n, _ in module.named_parameters(recurse=False)} <= known
+def registered(module: nn.Module) -> Rule | None:
+    """The rule registered for ``module``'s type or its nearest registered base, if any."""
+    for t in type(module).__mro__:
+        if t in _REGISTRY:
+            return _REGISTRY[t]
+    return None
 
 
-def fast_rule_types() -> list[str]:
-    """Names of the module types with a fast (closed-form) rule; for the docs."""
-    return sorted(t.__name__ for t in _REGISTRY)
+def hooked(module: nn.Module) -> Rule | None:
+    """The rule of a module whose call the engine records: one that owns trainable
+    parameters directly (or through a parametrization); ``None`` for the others."""
+    if parametrize.is_parametrized(module) or any(
+            p.requires_grad for p in module.parameters(recurse=False)):
+        return lookup(module)
+    return None
+
+
+def _same_params(module: nn.Module) -> bool:
+    return {n for n, _ in module.named_parameters(recurse=False)} <= {"weight", "bias"}
 
 
 # Importing the modules registers their rules.
-from . import conv, embedding, linear, norm  # noqa: E402,F401
+from . import activations, conv, embedding, linear, norm  # noqa: E402,F401
 
 __all__ = [
     "Rule",
@@ -69,7 +88,10 @@ __all__ = [
     "Elementwise",
     "Embedding",
     "Materialized",
+    "FALLBACK",
     "register",
     "lookup",
-    "fast_rule_types",
+    "registered",
+    "hooked",
+    "activations",
 ]

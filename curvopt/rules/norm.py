@@ -56,11 +56,6 @@ if hasattr(nn, "RMSNorm"):
             return _affine(module, N, X, lambda cot: cot.reshape(cot.shape[0], N, S, D))
 
 
-def _channels_last(t, N, C):  # [.., N, C, *sp] -> [.., N, P, C]
-    lead = t.shape[: t.dim() - t.dim()]
-    return t.reshape(*lead, N, C, -1).transpose(-1, -2)
-
-
 @register(nn.GroupNorm)
 class GroupNormRule(Rule):
     def layouts(self, module, args, kwargs, output):
