@@ -15,7 +15,11 @@ imported below.  The engine, the distributed reduction, the optimizers' ``track=
 and the recipe schema all loop over :data:`REGISTRY`.
 """
 
-from . import diag_ggn, diag_hessian, first_order, kfra  # noqa: F401  (registers, in order)
+# isort: off
+# Importing registers the quantities, in this order: first order (they share work in it),
+# then second order; it is also the order of track="all" and of the docs.
+from . import first_order, diag_ggn, kfra, diag_hessian  # noqa: F401
+# isort: on
 from .base import REGISTRY, Quantity
 from .diag_ggn import KFAC, KFLR, DiagGGNExact, DiagGGNMC
 from .diag_hessian import DiagHessian

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register
 from .layout import Dense, Elementwise, Rule
+from .registry import register
 
 
 def _same_or_explicit_pads(module, nd) -> list[int]:

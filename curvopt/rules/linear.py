@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import register
 from .layout import Dense, Elementwise, Rule
+from .registry import register
 
 
 @register(nn.Linear)

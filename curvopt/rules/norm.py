@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CollectError
-from . import register
 from .layout import Elementwise, Rule
+from .registry import register
 
 
 def _affine(module, N, xhat_rows, rows_fn):
