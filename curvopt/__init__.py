@@ -49,7 +49,6 @@ from .extensions import (
     SumGradSquared,
     Variance,
 )
-
 from .optim import DiagGGNAdam, KFACOptimizer, VarianceAdaptiveSGD
 
 __version__ = "0.1.0"
