@@ -39,10 +39,9 @@ from ..quantities.base import (
     ParamContext,
     Record,
     send_columns,
-    torch_dtype_tol,
 )
 from ..quantities.first_order import release_buffers
-from ..rules.layout import DenseBound
+from ..rules.layout import DenseBound, round_off
 from . import distributed
 
 __all__ = ["Collector", "collect", "release_buffers"]
@@ -91,8 +90,56 @@ def _first_tensor(out):
     return None
 
 
-def _detach_all(xs):
-    return tuple(x.detach() if torch.is_tensor(x) else x for x in xs)
+def _detach(x, dtype):
+    """A captured input: detached, floating tensors in the statistics' dtype."""
+    if not torch.is_tensor(x):
+        return x
+    x = x.detach()
+    return x.to(dtype) if x.is_floating_point() else x
+
+
+def _detach_all(xs, dtype):
+    return tuple(_detach(x, dtype) for x in xs)
+
+
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    """float32, or the parameters' dtype where it is wider: statistics of a bfloat16 model
+    or of autocast's low-precision activations are computed and summed in float32."""
+    dt = torch.float32
+    for p in module.parameters():
+        if p.is_floating_point():
+            dt = torch.promote_types(dt, p.dtype)
+    return dt
+
+
+def _to_dtype(value, dtype):
+    """A result in the parameter's dtype (computed in float32 or wider)."""
+    if torch.is_tensor(value):
+        return value if value.dtype == dtype else value.to(dtype)
+    if isinstance(value, list) and any(t.dtype != dtype for t in value):
+        return value.like([t.to(dtype) for t in value]) if hasattr(value, "like") else [
+            t.to(dtype) for t in value]
+    return value
+
+
+def _no_autocast(device):
+    """The engine's own arithmetic runs outside autocast (float32 statistics)."""
+    if device is None:
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast(device.type, enabled=False)
+
+
+def _refuse_compiled(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        compiled = getattr(m, "_compiled_call_impl", None) is not None
+        if compiled or type(m).__name__ == "OptimizedModule":
+            where = f"'{name}'" if name else "the model"
+            raise CollectError(
+                f"{where} is compiled (torch.compile): curvopt's hooks capture each layer's "
+                "call in eager mode, which compiled graphs do not run. Give curvopt (and "
+                "run) the uncompiled module, e.g. model._orig_mod for torch.compile(model), "
+                "or compile only parameter-free parts of the model."
+            )
 
 
 class Collector:
@@ -216,6 +263,7 @@ class Collector:
                 "collect: this model already has an active curvopt collector (nested "
                 "collect, or an optimizer of curvopt holding one). Exit the other first."
             )
+        _refuse_compiled(self.model)
         covered: list[str] = []  # modules whose whole subtree a generic rule handles
         for name, module in self.model.named_modules():
             if any(c == "" or name.startswith(c + ".") for c in covered):
@@ -237,6 +285,7 @@ class Collector:
                 module.register_forward_hook(self._forward_hook(name, rule), with_kwargs=True)
             )
         if isinstance(self.loss_fn, nn.Module):
+            self._handles.append(self.loss_fn.register_forward_pre_hook(self._loss_pre_hook))
             self._handles.append(self.loss_fn.register_forward_hook(self._loss_hook))
         _ACTIVE.add(self.model)
         return self
@@ -258,6 +307,14 @@ class Collector:
         self._boundaries.clear()
         self._loss_calls.clear()
         self._loss_seen = self._queued = self._nested = self._computing = False
+        self._loss_arg = None
+
+    def _recover(self) -> None:
+        """A forward pass starts: if the last backward was aborted (an exception or an
+        interrupt inside backward: its end-of-backward callback never ran), forget its
+        state, so that the next iteration works as if it had never started."""
+        if (self._queued or self._loss_seen) and torch._C._current_graph_task_id() == -1:
+            self._reset()
 
     def __enter__(self):
         return self.attach()
@@ -282,7 +339,7 @@ class Collector:
                 self._order += 1
                 self._boundaries.append(
                     Boundary(name, get_gradient_edge(output), tuple(output.shape), self._order,
-                             module, _in_edge(args))
+                             module, _in_edge(args), output.dtype)
                 )
 
         return hook
@@ -294,12 +351,14 @@ class Collector:
             out = _first_tensor(output)
             if out is None or not out.requires_grad:
                 return
+            self._recover()
             self._order += 1
+            dt = _compute_dtype(module)
             rec = Record(
-                name=name, module=module, rule=rule, args=_detach_all(args),
-                kwargs={k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()},
+                name=name, module=module, rule=rule, args=_detach_all(args, dt),
+                kwargs={k: _detach(v, dt) for k, v in kwargs.items()},
                 output=out.detach(), edge=get_gradient_edge(out), order=self._order,
-                in_edge=_in_edge(args) if self._wants_in_edges else None,
+                in_edge=_in_edge(args) if self._wants_in_edges else None, dtype=dt,
             )
             # Parameters without a gradient now will hold exactly this backward's gradient:
             # Variance reuses it, and _check_coverage compares it with the recorded uses.
@@ -334,7 +393,7 @@ class Collector:
                 "results of the first would be overwritten. Use one collect block per "
                 "forward+backward, or a long-lived curvopt.Collector for a training loop."
             )
-        rec.grad = g.detach()
+        rec.grad = g.detach().to(rec.dtype)
         self._queue()
 
     def _queue(self):
@@ -342,16 +401,37 @@ class Collector:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
 
+    def _loss_pre_hook(self, module, args):
+        # Each loss call gets its own alias of the model output, so that the hooks of a
+        # call whose result is not backpropagated (a loss computed for logging) never fire.
+        self._loss_arg = None
+        if not self._extensions or not torch.is_grad_enabled() or self._computing:
+            return None
+        o = args[0] if args else None
+        if not (torch.is_tensor(o) and o.requires_grad) or not self._pending:
+            return None
+        alias = o.view_as(o)
+        self._loss_arg = (alias, o)
+        return (alias, *args[1:])
+
     def _loss_hook(self, module, args, output):
         if not self._extensions or not torch.is_grad_enabled() or self._computing:
             return
-        o = args[0]
-        if not (torch.is_tensor(o) and o.requires_grad):
+        alias = args[0] if args else None
+        if self._loss_arg is None or self._loss_arg[0] is not alias:
+            # The pre-hook did not alias this call: the loss module is shared with another
+            # model (or collector) that ran no hooked forward since the last backward.
             return
-        if not self._pending:
-            # This model ran no hooked forward since the last backward: the loss module is
-            # shared with another model (or collector), and this call is not ours.
-            return
+        o = self._loss_arg[1]
+        self._loss_arg = None
+        self._recover()
+        min_dim = self._loss.min_dim if self._loss is not None else 1
+        if o.dim() < min_dim or o.shape[0] == 0:
+            raise CollectError(
+                f"the loss input has shape {tuple(o.shape)}: curvopt needs a batch with at "
+                "least one sample along dimension 0 (unbatched inputs: add one with "
+                "x.unsqueeze(0); skip empty batches in the loop)."
+            )
         lc = LossCall(module, o, args[1].detach() if len(args) > 1 else None, output)
         self._loss_calls.append(lc)
         if _dist.active() and lc.target is not None and getattr(module, "reduction", "") == "mean":
@@ -362,7 +442,7 @@ class Collector:
         self.loss_scale = 1.0
         if output.requires_grad:
             output.register_hook(_weak(self, "_loss_output_hook"))
-        o.register_hook(_weak(self, "_loss_input_hook", lc))
+        alias.register_hook(_weak(self, "_loss_input_hook", lc))
 
     def _loss_output_hook(self, g):
         if self._nested or g.numel() != 1:
@@ -404,6 +484,13 @@ class Collector:
         recs = [r for r in self._pending if not r.done]
         if not recs:
             return
+        if not bool(torch.isfinite(lc.input).all()):
+            raise CollectError(
+                "the model output entering the loss contains NaN or inf, so its curvature "
+                "is undefined (no quantity of this backward pass is computed). Check the "
+                "inputs for non-finite values and the learning rate; curvopt's optimizers "
+                "skip such steps by themselves."
+            )
         ctx = BackwardContext(
             loss=self._loss, output=lc.input, target=lc.target, grad_output=self._unscale(g),
             records=recs, boundaries=self._boundaries, requests=self._extensions,
@@ -413,7 +500,8 @@ class Collector:
         )
         self._nested = True
         try:
-            send_columns(ctx)
+            with _no_autocast(lc.input.device):
+                send_columns(ctx)
         finally:
             self._nested = False
 
@@ -426,6 +514,7 @@ class Collector:
         return distributed.GlobalBatch.of(n_local, device, self._normalizer, summed)
 
     def _finalize(self):
+        loss_seen = self._loss_seen
         self._queued = False
         self._loss_seen = False
         self._backwards += 1
@@ -443,6 +532,24 @@ class Collector:
         for r in recs:
             r.done = True
             r.grad = self._unscale(r.grad)
+        if recs and not loss_seen and any(e.needs_loss for e in self._extensions):
+            for r in recs:
+                r.retire()
+            raise CollectError(
+                "this backward pass reached the model without passing through the loss "
+                f"module given to curvopt ({type(self.loss_fn).__name__} object at "
+                f"{id(self.loss_fn):#x}), so curvature quantities have no loss Hessian: call "
+                "that very loss module in the loop (not F.cross_entropy or a second "
+                "instance), as loss = loss_fn(model(X), y)."
+            )
+        empty = [r.name for r in recs if r.output.numel() == 0]
+        if empty:
+            for r in recs:
+                r.retire()
+            raise CollectError(
+                f"layer(s) {', '.join(empty)} received an empty batch; skip empty batches "
+                "in the loop (there is nothing to compute per sample)."
+            )
         bad = [r.name for r in recs if not torch.isfinite(r.grad).all()]
         if bad:
             # Checked on the (small) layer-output gradients, not on the (large) results.
@@ -458,7 +565,8 @@ class Collector:
         self.results = {}
         self._computing = True
         try:
-            self.results = self._compute(recs)
+            with _no_autocast(recs[0].output.device if recs else None):
+                self.results = self._compute(recs)
         finally:
             self._computing = False
             self._grad_was_none = set()
@@ -498,7 +606,7 @@ class Collector:
             ctx = ParamContext(p, name, items, fresh_grad=self._unscale(p.grad) if fresh else None)
             res = {}
             for q in self._requests_for(p):
-                value = q.compute(ctx)
+                value = _to_dtype(q.compute(ctx), p.dtype)
                 if value is not None:
                     res[q.savefield] = value
                     jobs.append((name, q, ctx))
@@ -529,8 +637,8 @@ def _check_coverage(ctx: ParamContext) -> None:
         if b.X.shape[2] != 1 or b.layout.transposed or b.matches_total(grad):
             return
     else:
-        total = b.total()
-        tol = torch_dtype_tol(total.dtype)
+        total = b.total().to(grad.dtype)
+        tol = round_off(grad.dtype)
         scale = float(total.abs().max()) if total.numel() else 0.0
         if scale == scale and torch.allclose(total, grad, rtol=tol, atol=tol * scale + 1e-30):
             return

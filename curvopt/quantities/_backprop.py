@@ -51,13 +51,14 @@ def send_back(output, recs, columns, store: Callable) -> None:
     every record the columns reach."""
     if not recs:
         return
+    columns = columns.to(output.dtype if torch.is_tensor(output) else columns.dtype)
     res = grads(output, [r.edge for r in recs], columns, _batched_ok(recs))
     for r, g in zip(recs, res):
         if g is None:
             continue
         if isinstance(g, list):
             g = torch.stack([torch.zeros_like(r.output) if x is None else x for x in g])
-        store(r, g)
+        store(r, g.to(r.dtype))  # float32 (or wider) even for low-precision activations
 
 
 def diagonal(ctx, pick, weights: Callable | None = None):

@@ -113,6 +113,7 @@ class Record:
     order: int = 0  #: position among the recorded module outputs of the forward pass
     in_edge: object = None  #: gradient edge of the module's input (KFRA/DiagHessian fast paths)
     grad: Tensor | None = None  #: the gradient autograd delivered at the output
+    dtype: torch.dtype = torch.float32  #: captured tensors and columns are kept in this dtype
     done: bool = False
     columns: Columns = field(default_factory=Columns)
     _layouts: dict | None = None
@@ -142,6 +143,7 @@ class Boundary:
     order: int
     module: nn.Module = None
     in_edge: object = None  #: gradient edge of the module's input (None: no gradient)
+    dtype: torch.dtype = torch.float32  #: dtype of the output (columns sent from it match)
 
 
 # ---------------------------------------------------------------------------- contexts
@@ -198,11 +200,6 @@ class ParamContext:
         """Bound to the gradient (``K = 1``), cached."""
         return self.cached("grad_bounds", lambda: concat(
             [lay.bind(r.grad.unsqueeze(0)) for r, lay in self.items]))
-
-
-def torch_dtype_tol(dtype: torch.dtype) -> float:
-    """Relative round-off tolerance of numerical self-checks in ``dtype``."""
-    return 1e-4 if dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
 
 
 # ----------------------------------------------------------------------- column senders

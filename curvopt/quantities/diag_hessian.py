@@ -239,6 +239,8 @@ def propagate(ctx, kinds):
         else:
             attr, d2 = SMOOTH[name]
             r_m = d2(node, getattr(node, attr).detach()) * gb  # [N, *a]
+        edge_dtype = gb.dtype  # columns sent from the node's input match its dtype
+        r_m = r_m.to(torch.promote_types(r_m.dtype, torch.float32))
         # The diagonal part Σ_k r_k (∂a_k/∂θ)²: closed forms where the Jacobian from the
         # activation input to a layer output has one term per entry, columns elsewhere.
         handled = _diagonal_fast_paths(src, r_m, by_edge)
@@ -253,7 +255,7 @@ def propagate(ctx, kinds):
                 f"needs {D} backward passes (limit {MAX_RESIDUAL_ELEMENTS}). Use DiagGGNExact, "
                 "or a piecewise-linear activation."
             )
-        eye = torch.eye(D, dtype=r_m.dtype, device=r_m.device)
+        eye = torch.eye(D, dtype=edge_dtype, device=r_m.device)
         E = eye.reshape(D, 1, *r_m.shape[1:]).expand(D, *r_m.shape)
         send_back(src, rest, E, _store_residual(k, r_m.reshape(N, D).T.contiguous()))
         k += 1
@@ -293,9 +295,10 @@ def _diagonal_fast_paths(src, r, by_edge) -> set:
     # norm whose parameters are shared across the positions that Linear mixes.
     if below is None or not _diag_ok(below) or not below.rule.transports_diagonal:
         return handled
-    ones = torch.ones(below.output.shape, dtype=r.dtype, device=r.device)
     # φ' at the lower layer's output: one backward through the elementwise node alone
-    (d,) = torch.autograd.grad(e, below.edge, ones.new_ones(rec.args[0].shape), retain_graph=True)
+    (d,) = torch.autograd.grad(e, below.edge, torch.ones(rec.args[0].shape, dtype=below.output.dtype,
+                                                         device=r.device), retain_graph=True)
+    d = d.to(r.dtype)
     W2 = rec.module.weight.detach().to(r.dtype).pow(2)
     below.columns.add_diag_residual((r @ W2) * d.pow(2))
     handled.add(below)
