@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from curvopt.recipes._extras import need
 from curvopt.recipes.schema import DataConfig
 
 __all__ = ["Data", "make_data", "data_shapes"]
@@ -67,9 +68,8 @@ def _split(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch
 
 
 def _digits(config: DataConfig, images: bool) -> Data:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
+    datasets = need("sklearn.datasets", "the digits data (data.name = 'digits')")
+    bunch = datasets.load_digits()
     x = torch.as_tensor(bunch.data, dtype=torch.float32) / 16.0
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
     if images:
