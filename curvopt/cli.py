@@ -174,8 +174,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from curvopt import recipes
     from curvopt.recipes.output import check_out
-    from curvopt.recipes.plots import check_plotting
-    from curvopt.recipes.runner import check_distributable, default_out, summary_table
+    from curvopt.recipes.runner import check_distributable, check_extras, default_out, summary_table
 
     config = recipes.load(args.recipe, args.overrides)
     if args.nproc < 1:
@@ -183,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.nproc > 1 and _env_world() <= 1:
         check_distributable(config)
         check_out(Path(args.out) if args.out else default_out([config.name]), config.name)
-        check_plotting()
+        check_extras(config)
         return _launch(args.nproc, args.argv)
     joined = _init_distributed()
     try:

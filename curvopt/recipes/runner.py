@@ -39,6 +39,7 @@ import torch
 
 from curvopt.recipes._extras import need
 from curvopt.recipes.builder import OPTIMIZERS, Built, build
+from curvopt.recipes.data import check_data
 from curvopt.recipes.output import JsonlWriter, RunFolder, format_table, to_toml, write_marker
 from curvopt.recipes.plots import check_plotting, plot_runs
 from curvopt.recipes.quantities import collect_fn, extension_for, read, summarize
@@ -48,6 +49,7 @@ __all__ = [
     "RunResult",
     "Target",
     "train",
+    "check_extras",
     "run",
     "compare",
     "steps_to_target",
@@ -212,8 +214,19 @@ def check_distributable(config: RecipeConfig) -> None:
         )
 
 
+_PROGRESS = ("tqdm.auto", "the progress bar")
+
+
+def check_extras(config: RecipeConfig) -> None:
+    """Raise :class:`~curvopt.recipes._extras.MissingExtraError` before any training (and
+    before any folder is made) if running and writing ``config`` needs a missing package."""
+    check_data(config.data)
+    need(*_PROGRESS)
+    check_plotting()
+
+
 def _progress_bar(total: int, desc: str, progress: bool | None) -> Any:
-    tqdm = need("tqdm.auto", "the progress bar").tqdm
+    tqdm = need(*_PROGRESS).tqdm
     disable = (not sys.stderr.isatty()) if progress is None else not progress
     return tqdm(total=total, desc=desc, disable=disable, dynamic_ncols=True, leave=True)
 
@@ -518,7 +531,7 @@ def run(config: RecipeConfig, out: str | Path | None = None, progress: bool | No
     out = Path(out) if out is not None else default_out([config.name])
     if dist_rank_world()[0] != 0:  # under torch.distributed: rank 0 writes
         return _train_into(config, None, config.name, None, progress, echo), out
-    check_plotting()
+    check_extras(config)
     with RunFolder(out, config.name) as folder:
         result = _train_into(config, folder.tmp, config.name, None, progress, echo)
     return result, folder.path
@@ -566,7 +579,8 @@ def compare(configs: Sequence[RecipeConfig], out: str | Path | None = None,
         raise RecipeError("compare: give at least one recipe")
     names = _unique_names(configs)
     out = Path(out) if out is not None else default_out(names)
-    check_plotting()
+    for cfg in configs:
+        check_extras(cfg)
     results = []
     with RunFolder(out, "compare") as folder:
         for cfg, name in zip(configs, names, strict=True):
