@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register
 from .layout import Dense, Elementwise, Rule
+from .registry import register
 
 
 def _same_or_explicit_pads(module, nd) -> list[int]:
@@ -68,6 +68,11 @@ class ConvRule(Rule):
     def kronecker(self, module):
         return {"weight", "bias"} if module.groups == 1 else {"bias"}
 
+    def kfra_G(self, module, H, out_shape):
+        # Per-sample output order (c, p): all position pairs (BackPACK's G).
+        D, C = H.shape[0], out_shape[1]
+        return torch.einsum("apbq->ab", H.reshape(C, D // C, C, D // C))
+
     def layouts(self, module, args, kwargs, output):
         x = args[0]
         if x.dim() == module.weight.dim() - 1:
@@ -98,6 +103,8 @@ class ConvRule(Rule):
 class ConvTransposeRule(Rule):
     def kronecker(self, module):
         return {"weight", "bias"} if module.groups == 1 else {"bias"}
+
+    kfra_G = ConvRule.kfra_G
 
     def layouts(self, module, args, kwargs, output):
         x = args[0]
