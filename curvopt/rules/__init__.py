@@ -7,7 +7,10 @@ parameter formed?  The answer is a :class:`~curvopt.rules.layout.Layout`; the
 layer-agnostic formulas in :mod:`curvopt.quantities` consume only layouts.
 
 Adding a layer = writing a rule (a subclass of :class:`Rule` with
-``layouts()``) and registering it with :func:`register`.  Unknown modules
+``layouts()``) and registering it with :func:`register`, or, for a class of
+an optional third-party package (Hugging Face ``transformers``, ``timm``), with
+:func:`register_lazy` by module path and class name, which never imports that
+package: the name is matched when a module of that class is looked up.  Unknown modules
 that own parameters fall back to :class:`~curvopt.rules.fallback.FallbackRule`
 (``torch.func`` per-sample gradients): slower, never wrong.
 """
@@ -19,6 +22,8 @@ from torch import nn
 from .layout import Dense, Elementwise, Embedding, Layout, Materialized, Rule
 
 _REGISTRY: dict[type, Rule] = {}
+#: ``(class.__module__, class.__qualname__) -> rule`` for classes of optional packages.
+_LAZY: dict[tuple[str, str], Rule] = {}
 
 
 def register(*module_types: type):
@@ -32,6 +37,31 @@ def register(*module_types: type):
     return deco
 
 
+def register_lazy(module_path: str, qualname: str):
+    """Class decorator: register a :class:`Rule` for the class ``module_path.qualname``
+    without importing ``module_path``.
+
+    A class whose ``__module__`` and ``__qualname__`` are these gets the rule at
+    :func:`lookup` time (and is then registered by type), so a rule for
+    ``transformers.pytorch_utils.Conv1D`` costs nothing when ``transformers`` is absent.
+    """
+
+    def deco(rule_cls):
+        _LAZY[(module_path, qualname)] = rule_cls()
+        return rule_cls
+
+    return deco
+
+
+def _rule_of(t: type) -> Rule | None:
+    rule = _REGISTRY.get(t)
+    if rule is None and _LAZY:
+        rule = _LAZY.get((getattr(t, "__module__", None), getattr(t, "__qualname__", None)))
+        if rule is not None:
+            _REGISTRY[t] = rule  # resolved once: later lookups of t are a dict hit
+    return rule
+
+
 def lookup(module: nn.Module) -> Rule:
     """The rule for ``module``: its type's, a base class's, else the generic fallback.
 
@@ -40,9 +70,10 @@ def lookup(module: nn.Module) -> Rule:
     """
     cls = type(module)
     for t in cls.__mro__:
-        if t in _REGISTRY:
+        rule = _rule_of(t)
+        if rule is not None:
             if t is cls or (cls.forward is t.forward and _same_params(module, t)):
-                return _REGISTRY[t]
+                return rule
             break
     from .fallback import FALLBACK
 
@@ -55,12 +86,17 @@ def _same_params(module: nn.Module, base: type) -> bool:
 
 
 def fast_rule_types() -> list[str]:
-    """Names of the module types with a fast (closed-form) rule; for the docs."""
-    return sorted(t.__name__ for t in _REGISTRY)
+    """Names of the module types with a fast (closed-form) rule; for the docs.
+
+    Lazily registered classes are named ``module.qualname`` (their package may be absent).
+    """
+    known = {(t.__module__, t.__qualname__) for t in _REGISTRY}
+    return sorted([t.__name__ for t in _REGISTRY]
+                  + [f"{m}.{q}" for m, q in _LAZY if (m, q) not in known])
 
 
-# Importing the modules registers their rules.
-from . import conv, embedding, linear, norm  # noqa: E402,F401
+# Importing the modules registers their rules (hf and timm lazily: no third-party import).
+from . import conv, embedding, hf, linear, norm, timm  # noqa: E402,F401
 
 __all__ = [
     "Rule",
@@ -70,6 +106,7 @@ __all__ = [
     "Embedding",
     "Materialized",
     "register",
+    "register_lazy",
     "lookup",
     "fast_rule_types",
 ]
