@@ -28,6 +28,7 @@ from util import assert_close, field_of, run
 from curvopt import rules
 from curvopt.errors import UnsupportedModuleError
 from curvopt.extensions import KFAC, KFLR, KFRA
+from curvopt.factors import BATCH, LOSS
 
 DT = torch.float64
 _T = nn.modules.conv._ConvTransposeNd
@@ -93,7 +94,7 @@ def test_grouped_kflr_matches_definition(name, make, shape):
     got = field_of(results, "0.weight", "kflr")
     G, A = expected_group_factors(model, loss_fn, X, y, conv)
     g = conv.groups
-    assert len(got) == 2 and tuple(got.roles) == ("G", "A")
+    assert len(got) == 2 and got.scaling == (LOSS, BATCH)  # [G, A]
     assert got[0].shape == (g, conv.out_channels // g, conv.out_channels // g)
     assert got[1].shape == (g, A.shape[1], A.shape[1])
     assert_close(got[0], G, f"{name}: G per group")
@@ -170,17 +171,23 @@ def test_grouped_convT_applied_twice_refuses_kronecker():
         run(model, nn.CrossEntropyLoss(), X, torch.tensor([0, 2]), [KFLR()])
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "curvopt/quantities/kfra.py (lead): kfra.factors pairs the full [C_out, C_out] G with "
-    "the per-group A [g, Di, Di]; it must take G's per-group diagonal blocks "
-    "(patch in the rules report, issue 10 item 2)"))
-def test_grouped_kfra_per_group():
-    make, shape = (lambda: nn.Conv1d(4, 4, 2, groups=2)), (4, 3)
+KFRA_GROUPED = [
+    ("conv1d_g2", lambda: nn.Conv1d(4, 4, 2, groups=2), (4, 3)),
+    ("conv2d_depthwise", lambda: nn.Conv2d(3, 3, 2, groups=3), (3, 3, 3)),
+    ("convT1d_g2", lambda: nn.ConvTranspose1d(4, 6, 2, groups=2), (4, 2)),
+]
+
+
+@pytest.mark.parametrize("name,make,shape", KFRA_GROUPED, ids=[c[0] for c in KFRA_GROUPED])
+def test_grouped_kfra_per_group(name, make, shape):
+    """KFRA: ``G`` per group is the diagonal block of the recursion's ``G`` (the oracle's
+    recursive definition), ``A`` per group as KFLR's."""
     model, loss_fn, X, y = _setup(make, shape, N=3)
     full = oracle.kfra_factors(model, loss_fn, X, y, "sum")["0.weight"]
     results, _ = run(model, loss_fn, X, y, [KFRA()])
     got = field_of(results, "0.weight", "kfra")
-    conv, g = model[0], 2
+    conv = model[0]
+    g = conv.groups
     Co = conv.out_channels // g
     G = torch.stack([full[0][j * Co:(j + 1) * Co, j * Co:(j + 1) * Co] for j in range(g)])
     x, _ = oracle.capture_io(model, conv, X)

@@ -30,7 +30,7 @@ DiagHessian: attention's q·kᵀ, Llama's RMSNorm), except the known engine bugs
 * the ``flat`` layout: the loss sees N·T rows while the model's batch is N, and the
   engine's square-root columns of the loss Hessian span every row, so the GGN terms of
   two positions of one sample get coupled (found by this file; DiagGGNExact and KFLR);
-* Llama KFRA raises a raw RuntimeError instead of a curvopt error (issue 10 item 8).
+* KFRA on the flat layout raises a raw RuntimeError instead of a curvopt error.
 
 Llama's RMSNorm computes in float32 (``hidden_states.to(torch.float32)``), so Llama
 is compared to 1e-5 relative; the others to 1e-8, with an absolute floor relative to
@@ -61,6 +61,7 @@ from curvopt.extensions import (
     SumGradSquared,
     Variance,
 )
+from curvopt.factors import BATCH, LOSS
 from curvopt.rules.fallback import FallbackRule
 
 transformers = pytest.importorskip("transformers")
@@ -331,7 +332,7 @@ def _global_scale(exp: dict, field: str) -> float:
 
 def _in_order(got, name, pname):
     """Conv1D's ``[A, G]`` also while second_order still returns ``[G, A]`` (by role)."""
-    if KRON[name].get(pname) == "AG" and tuple(getattr(got, "roles", ())) == ("G", "A"):
+    if KRON[name].get(pname) == "AG" and getattr(got, "scaling", ()) == (LOSS, BATCH):
         return list(reversed(got))
     return list(got)
 
@@ -411,9 +412,9 @@ def check(name, layout, field, pname):
 # ------------------------------------------------------------------------------ refusals
 
 XFAIL_KFRA_RAW = pytest.mark.xfail(strict=False, raises=RuntimeError, reason=(
-    "issue 10 item 8 (engine): KFRA raises a raw RuntimeError (Llama: 'differentiated "
-    "Tensor ... not used in the graph'; flat layout: kfra._step reshapes the N·T loss rows "
-    "into the model batch N)"))
+    "engine (issue 10 items 3 and 8): KFRA on the flat layout raises a raw RuntimeError "
+    "(kfra._columns_step reshapes the square root of H̄ over the N·T loss rows into the "
+    "model batch N)"))
 
 
 def _refused_cases():
@@ -421,7 +422,7 @@ def _refused_cases():
     for name in MODELS:
         for layout in LAYOUTS:
             for ext in (KFRA, DiagHessian):
-                raw = ext is KFRA and (name == "llama" or layout == "flat")
+                raw = ext is KFRA and layout == "flat"
                 out.append(pytest.param(name, ext, layout, marks=[XFAIL_KFRA_RAW] if raw else [],
                                         id=f"{name}-{layout}-{ext.savefield}"))
     return out

@@ -31,12 +31,16 @@ parameters lie below them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.graph import GradientEdge
 
 from ..errors import UnsupportedModuleError
-from .second_order import diagonal, send_back
+from ._backprop import diagonal, send_back
+from .base import EXACT, RESIDUALS, Quantity, sender
+from .diag_ggn import exact_diagonal
 
 #: Residual columns are one backward pass per element of a sample's activation.
 MAX_RESIDUAL_ELEMENTS = 8192
@@ -208,9 +212,18 @@ def find_smooth(root, skip=()):
     return smooth
 
 
-def propagate(col, lrec, recs, g_out):
-    """Residual columns ``rec.columns['res<i>']`` and weights ``'res<i>:w'``."""
-    o = lrec.input
+def _store_residual(k, weights):
+    def store(r, cols):
+        r.columns.residuals[k] = (cols, weights)
+
+    return store
+
+
+@sender("residuals")
+def propagate(ctx, kinds):
+    """Residual columns and signed weights of every smooth operation above each record
+    (``record.columns.residuals``), or closed-form diagonal residuals (``diag_residual``)."""
+    o, recs = ctx.output, ctx.records
     if o.grad_fn is None:
         return
     skip = {o.grad_fn} if type(o.grad_fn).__name__ == "LogSoftmaxBackward0" else set()
@@ -219,11 +232,12 @@ def propagate(col, lrec, recs, g_out):
         return
     # Gradient arriving at each smooth node's output, in one nested pass.
     outs = torch.autograd.grad(
-        o, [GradientEdge(n, 0) for n in nodes], g_out, retain_graph=True, allow_unused=True
+        o, [GradientEdge(n, 0) for n in nodes], ctx.grad_output, retain_graph=True,
+        allow_unused=True,
     )
     by_edge = {r.edge: r for r in recs}
 
-    k = 0
+    k = 0  # one key per residual column batch, the same at every record it reaches
     for node, gb in zip(nodes, outs):
         if gb is None:
             continue
@@ -232,7 +246,7 @@ def propagate(col, lrec, recs, g_out):
         below = [r for r in recs if r.edge.node in _nodes_below(src.node)]
         if name in NORMS:
             r_m, cols, w = _norm_residual(node, gb.detach())
-            send_back(src, below, cols, f"res{k}", w)
+            send_back(src, below, cols, _store_residual(k, w))
             k += 1
         else:
             attr, d2 = SMOOTH[name]
@@ -253,7 +267,7 @@ def propagate(col, lrec, recs, g_out):
             )
         eye = torch.eye(D, dtype=r_m.dtype, device=r_m.device)
         E = eye.reshape(D, 1, *r_m.shape[1:]).expand(D, *r_m.shape)
-        send_back(src, rest, E, f"res{k}", r_m.reshape(N, D).T.contiguous())
+        send_back(src, rest, E, _store_residual(k, r_m.reshape(N, D).T.contiguous()))
         k += 1
 
 
@@ -264,11 +278,6 @@ _ELEMENTWISE_NODES = set(SMOOTH) | {"ReluBackward0", "LeakyReluBackward0", "Thre
 
 def _diag_ok(rec) -> bool:
     return all(hasattr(lay, "diag_weighted") for lay in rec.layouts().values())
-
-
-def _add_diag(rec, w):
-    prev = rec.columns.get("diagres")
-    rec.columns["diagres"] = w if prev is None else prev + w
 
 
 def _diagonal_fast_paths(src, r, by_edge) -> set:
@@ -283,10 +292,10 @@ def _diagonal_fast_paths(src, r, by_edge) -> set:
     rec = by_edge.get(src)
     if rec is None or not _diag_ok(rec):
         return handled
-    _add_diag(rec, r)
+    rec.columns.add_diag_residual(r)
     handled.add(rec)
     e = rec.in_edge
-    if not _is_plain_linear(rec.module) or e is None:
+    if not rec.rule.transports_diagonal or e is None:
         return handled
     if type(e.node).__name__ not in _ELEMENTWISE_NODES or not e.node.next_functions:
         return handled
@@ -294,22 +303,15 @@ def _diagonal_fast_paths(src, r, by_edge) -> set:
     # Exact only if every parameter entry below feeds a single input feature of the
     # Linear above within a row: true for a Linear below, not for a convolution or a
     # norm whose parameters are shared across the positions that Linear mixes.
-    if below is None or not _diag_ok(below) or not _is_plain_linear(below.module):
+    if below is None or not _diag_ok(below) or not below.rule.transports_diagonal:
         return handled
     ones = torch.ones(below.output.shape, dtype=r.dtype, device=r.device)
     # φ' at the lower layer's output: one backward through the elementwise node alone
     (d,) = torch.autograd.grad(e, below.edge, ones.new_ones(rec.args[0].shape), retain_graph=True)
     W2 = rec.module.weight.detach().to(r.dtype).pow(2)
-    _add_diag(below, (r @ W2) * d.pow(2))
+    below.columns.add_diag_residual((r @ W2) * d.pow(2))
     handled.add(below)
     return handled
-
-
-def _is_plain_linear(module) -> bool:
-    from ..rules import lookup
-    from ..rules.linear import LinearRule
-
-    return isinstance(lookup(module), LinearRule)
 
 
 def _nodes_below(root) -> set:
@@ -380,13 +382,34 @@ def _norm_residual(node, g):
     return r_diag, cols, w
 
 
-def residual_diagonal(items):
-    p = items[0][1].param
-    out = torch.zeros_like(p)
-    for r, lay in items:
-        if "diagres" in r.columns:
-            out = out + lay.diag_weighted(r.columns["diagres"])
-    kinds = {k for r, _ in items for k in r.columns if k.startswith("res") and ":" not in k}
-    for kind in sorted(kinds):
-        out = out + diagonal(items, kind, weights=True)
+def residual_diagonal(ctx):
+    """:math:`\\sum_m \\operatorname{diag}(J_m^\\top \\operatorname{diag}(r_m) J_m)` of one parameter."""
+    out = torch.zeros_like(ctx.param)
+    for r, lay in ctx.items:
+        if r.columns.diag_residual is not None:
+            out = out + lay.diag_weighted(r.columns.diag_residual)
+    for k in sorted({k for r, _ in ctx.items for k in r.columns.residuals}):
+        out = out + diagonal(
+            ctx, lambda c, k=k: c.residuals[k][0] if k in c.residuals else None,
+            weights=lambda c, k=k: c.residuals[k][1])
     return out
+
+
+@dataclass(frozen=True)
+class DiagHessian(Quantity):
+    """Exact diagonal of the Hessian of the loss, ``diag_h`` (``p.shape``).
+
+    The GGN diagonal plus the residual terms of every smooth elementwise
+    activation above the parameter,
+    :math:`\\sum_m \\operatorname{diag}(J_m^\\top \\operatorname{diag}(\\phi_m''(a_m) \\odot \\partial\\mathcal L/\\partial \\phi_m) J_m)`.
+    Piecewise-linear activations (ReLU, LeakyReLU, max pooling) add nothing.
+    """
+
+    savefield = "diag_h"
+    needs_loss = True
+
+    def columns(self):
+        return {EXACT, RESIDUALS}
+
+    def compute(self, ctx):
+        return exact_diagonal(ctx) + residual_diagonal(ctx)

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register
 from .layout import Dense, Elementwise, Rule
+from .registry import register
 
 
 def _same_or_explicit_pads(module, nd) -> list[int]:
@@ -84,6 +84,15 @@ class ConvRule(Rule):
     def kronecker(self, module):
         return {"weight", "bias"}
 
+    def kfra_G(self, module, H, out_shape):
+        # Per-sample output order (c, p): all position pairs (BackPACK's G); grouped: the
+        # diagonal block of each group, [g, C_out/g, C_out/g], beside the per-group A.
+        D, C, g = H.shape[0], out_shape[1], module.groups
+        G = torch.einsum("apbq->ab", H.reshape(C, D // C, C, D // C))
+        if g == 1:
+            return G
+        return G.reshape(g, C // g, g, C // g).diagonal(0, 0, 2).permute(2, 0, 1)
+
     def layouts(self, module, args, kwargs, output):
         x = args[0]
         if x.dim() == module.weight.dim() - 1:
@@ -114,6 +123,8 @@ class ConvRule(Rule):
 class ConvTransposeRule(Rule):
     def kronecker(self, module):
         return {"weight", "bias"}
+
+    kfra_G = ConvRule.kfra_G
 
     def layouts(self, module, args, kwargs, output):
         x = args[0]

@@ -27,9 +27,6 @@ def batch_dim(module) -> int:
 class FallbackRule(Rule):
     covers_subtree = True
 
-    def batch_size(self, module, args, kwargs, output):
-        return args[0].shape[batch_dim(module)]
-
     def layouts(self, module, args, kwargs, output):
         params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         if not params:

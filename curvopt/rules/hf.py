@@ -12,19 +12,34 @@ weight *as stored*, so ``kron(A, G)`` is the GGN block of ``weight.flatten()`` (
 for one sample and one row) and ``kron(A, G) @ weight.flatten()`` is what an optimizer
 applies.  The bias gets ``[G]``.
 
+KFRA: ``G`` as for ``nn.Linear`` (per-row blocks of :math:`\bar H`), and on 2-D
+inputs the closed step :math:`\bar H_{in} = W \bar H W^\top` (the Jacobian is ``Wᵀ``).
+
 ``transformers`` is never imported here: the rule is matched by class path and name.
 """
 
 from __future__ import annotations
 
-from . import register_lazy
+import torch
+
 from .layout import Dense, Elementwise, Rule
+from .registry import register_lazy
 
 
 @register_lazy("transformers.pytorch_utils", "Conv1D")
 class Conv1DRule(Rule):
     def kronecker(self, module):
         return {"weight", "bias"}
+
+    def kfra_G(self, module, H, out_shape):
+        D, Do = H.shape[0], out_shape[-1]  # per-sample order (s, o): rows are extra batch
+        return torch.einsum("sasb->ab", H.reshape(D // Do, Do, D // Do, Do))
+
+    def kfra_step(self, module, H, out_shape):
+        if len(out_shape) != 2:
+            return None
+        W = module.weight.detach().to(H.dtype)  # [in, out]: y = x W, Jacobian Wᵀ
+        return W @ H @ W.T
 
     def layouts(self, module, args, kwargs, output):
         x = args[0]

@@ -23,7 +23,6 @@ squares, squared norms, the total, and Kronecker factors.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,12 +49,30 @@ class Rule:
         """
         return set()
 
+    #: DiagHessian: a diagonal residual at this layer's output moves one layer down in
+    #: closed form, ``(r @ W²) ⊙ φ'²`` (true for a plain Linear: each weight entry feeds
+    #: one output feature per row).
+    transports_diagonal = False
+
     def layouts(self, module, args, kwargs, output) -> dict[str, Layout]:
         """Map each own parameter name of ``module`` to its :class:`Layout`."""
         raise NotImplementedError
 
-    def batch_size(self, module, args, kwargs, output) -> int:
-        return args[0].shape[0]
+    def check(self, module, name: str) -> None:
+        """Raise before the forward if the call is outside what the rule defines (BatchNorm
+        in train mode mixes samples).  Runs for every module of the type, parameters or not."""
+
+    def kfra_G(self, module, H: Tensor, out_shape) -> Tensor | None:
+        """KFRA: the Kronecker factor ``G`` read off the batch-averaged Hessian ``H``
+        (``[D, D]`` over one sample's output elements); ``None``: no Kronecker form (the
+        parameters get the dense block of :math:`E_n[J_n^\\top \\bar H J_n]`)."""
+        return None
+
+    def kfra_step(self, module, H: Tensor, out_shape) -> Tensor | None:
+        """KFRA: :math:`\\bar H` at the module's input from :math:`\\bar H` at its output
+        in closed form, when the Jacobian is the same for every sample; ``None``: curvopt
+        sends the columns of :math:`\\bar H^{1/2}` back through autograd instead."""
+        return None
 
 
 @dataclass
@@ -245,9 +262,6 @@ class DenseBound(Bound):
         X = torch.cat([m.X for m in members], dim=1)
         return DenseBound(self.layout, R, X)  # no single cotangent: see kron_G
 
-    def _grad_shape(self, lead):
-        return (*lead, *self.layout.shape)
-
     def per_sample(self):
         K, N = self.R.shape[:2]
         return self._einsum(self.X, self.R).reshape(K, N, *self.layout.shape)
@@ -385,9 +399,6 @@ class DenseBound(Bound):
         """``([F_1, F_2], roles)`` in the layout's ``kron_order``: ``[G, A]`` or ``[A, G]``."""
         G, A = self.kron_G(), self.kron_A()
         return ([A, G], "AG") if self.layout.kron_order == "AG" else ([G, A], "GA")
-
-    def dense_block(self):
-        return Bound.dense_block(self)
 
 
 # ------------------------------------------------------------------------------ Elementwise
@@ -550,6 +561,3 @@ class MaterializedBound(Bound):
     def per_sample(self):
         return self.G
 
-
-def numel(shape) -> int:
-    return math.prod(shape)

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from . import register_lazy
 from .layout import Rule
 from .norm import LayerNormRule, _affine
+from .registry import register_lazy
 
 
 @register_lazy("timm.layers.norm", "LayerNorm2d")
