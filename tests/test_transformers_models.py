@@ -119,7 +119,7 @@ XFAIL_BROADCAST = pytest.mark.xfail(strict=False, reason=(
     "issue 10 item 3 (engine): position embedding called on position ids of batch 1 and "
     "broadcast over the batch; per-sample results are [1, ...] / wrong"))
 XFAIL_FLAT = pytest.mark.xfail(strict=False, reason=(
-    "engine (second_order.propagate / losses.sqrt_hessian): the loss input has N·T rows "
+    "engine (quantities/diag_ggn.py senders, losses.CrossEntropy): the loss input has N·T rows "
     "while the model's batch is N; each square-root column spans all rows, so positions "
     "of one sample are coupled in the GGN (use logits.transpose(1, 2) meanwhile)"))
 
@@ -331,7 +331,7 @@ def _global_scale(exp: dict, field: str) -> float:
 
 
 def _in_order(got, name, pname):
-    """Conv1D's ``[A, G]`` also while second_order still returns ``[G, A]`` (by role)."""
+    """Conv1D's ``[A, G]`` also while _backprop.kronecker still returns ``[G, A]`` (by scaling)."""
     if KRON[name].get(pname) == "AG" and getattr(got, "scaling", ()) == (LOSS, BATCH):
         return list(reversed(got))
     return list(got)
