@@ -82,6 +82,15 @@ def _pow(node, x):
     return e * (e - 1) * x ** (e - 2)
 
 
+def _hardswish(node, x):  # x·relu6(x+3)/6: quadratic x(x+3)/6 on (-3, 3), linear outside
+    return ((x > -3) & (x < 3)).to(x.dtype) / 3
+
+
+def _mish(node, x):  # x·tanh(softplus(x)); t' = (1-t²)σ
+    s, t = torch.sigmoid(x), torch.tanh(F.softplus(x))
+    return (1 - t * t) * s * (2 + x * (1 - s - 2 * t * s))
+
+
 #: node name -> (saved tensor attribute, φ'' from it)
 SMOOTH = {
     "SigmoidBackward0": ("_saved_result", lambda n, s: _sig2(s)),
@@ -95,9 +104,12 @@ SMOOTH = {
     "ExpBackward0": ("_saved_result", lambda n, y: y),
     "LogBackward0": ("_saved_self", lambda n, x: -1 / (x * x)),
     "PowBackward0": ("_saved_self", _pow),
+    "HardswishBackward0": ("_saved_self", _hardswish),
+    "MishBackward0": ("_saved_self", _mish),
 }
 
-#: Linear or piecewise-linear in every input that carries a gradient.
+#: Linear or piecewise-linear in every input that carries a gradient (ReLU6 and Hardtanh
+#: are HardtanhBackward0; Hardsigmoid is relu6(x+3)/6).
 LINEAR = {
     "AddmmBackward0", "MmBackward0", "MvBackward0", "BmmBackward0", "AddBackward0",
     "SubBackward0", "NegBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
@@ -119,7 +131,7 @@ LINEAR = {
     "FlipBackward0", "RollBackward0", "IndexSelectBackward0", "GatherBackward0",
     "PixelShuffleBackward0", "UpsampleNearest2DBackward0", "CopySlices", "ToCopyBackward0",
     "ViewAsRealBackward0", "MaxBackward0", "MaxBackward1", "MinBackward1", "AmaxBackward0",
-    "ConvolutionBackwardBackward0", "LinearBackward0",
+    "ConvolutionBackwardBackward0", "LinearBackward0", "HardsigmoidBackward0",
 }
 #: nodes that are bilinear: nonlinear (and non-elementwise) when two inputs carry a gradient
 BILINEAR = {"MulBackward0", "DivBackward0", "BmmBackward0", "MmBackward0", "MvBackward0",

@@ -177,6 +177,20 @@ class Dense(Layout):
     ``expand``: the Kronecker factor A is normalised by ``N·S`` (Linear on
     ``[N, S, D]`` inputs: the "expand" convention of Eschenhagen et al. 2023)
     instead of ``N`` (convolutions, as BackPACK and Grosse & Martens 2016).
+
+    Kronecker factors (:meth:`DenseBound.kron_factors`), per group ``j`` of ``g``:
+
+    .. math:: A_j = \\frac1{N(\\cdot S)} \\sum_{n,s} x_{n,s,j} x_{n,s,j}^\\top,\\qquad
+              G_j = \\sum_{k,n,s} r_{k,n,s,j} r_{k,n,s,j}^\\top
+
+    (``reduce_G``: ``r`` summed over ``s`` first).  One group: ``A: [Di, Di]``,
+    ``G: [Do, Do]``; ``g > 1`` (grouped/depthwise convolutions): a leading group
+    dimension, ``A: [g, Di, Di]``, ``G: [g, Do, Do]``, and ``G_j ⊗ A_j`` approximates the
+    GGN block of the group's weight slice ``weight[j·Do:(j+1)·Do]`` (row-major).
+    ``kron_order`` is the order of the returned factors: ``"GA"`` (``weight: [Do, Di·k…]``;
+    ConvTranspose: BackPACK's ``[G, Ω]``, a block of ``weight.transpose(0, 1)``) or
+    ``"AG"`` (a weight stored ``[Di, Do]``, Hugging Face's ``Conv1D``: then
+    ``kron(A, G)`` acts on ``weight.flatten()``).
     """
 
     X: Tensor = None
@@ -190,6 +204,7 @@ class Dense(Layout):
     #: ``() -> [N, P_out, C_in·k…]`` (the transposed convolution's own unfold) for A.
     kron_rows: Callable[[Tensor], Tensor] | None = None
     kron_X: Callable[[], Tensor] | None = None
+    kron_order: str = "GA"
 
     def kind(self):
         return ("dense", self.X.shape[2:], self.transposed)
@@ -228,6 +243,18 @@ def _gram(R: Tensor, X: Tensor, transposed: bool) -> Tensor:
     if R.shape[1] == 1:
         return (R[:, 0].T @ X[:, 0]).unsqueeze(0)
     return torch.einsum("ngo,ngi->goi", R, X)
+
+
+def _group_gram(M: Tensor) -> Tensor:
+    """:math:`\\sum_i m_{i,j} m_{i,j}^\\top` per group ``j`` for ``M: [rows, g, d]``.
+
+    ``[d, d]`` for one group (today's 2-D factors), ``[g, d, d]`` otherwise.
+    """
+    if M.shape[1] == 1:
+        M = M[:, 0]
+        return M.T @ M
+    M = M.transpose(0, 1)  # [g, rows, d]
+    return M.transpose(1, 2) @ M
 
 
 class DenseBound(Bound):
@@ -342,46 +369,41 @@ class DenseBound(Bound):
         return _gram(R.reshape(N * S, g, -1), X.reshape(N * S, g, -1),
                      self.layout.transposed).reshape(self.layout.shape)
 
-    def _check_groups(self):
-        if self.X.shape[2] != 1:
+    def _needs_cot(self):
+        if self.cot is None:
             raise UnsupportedModuleError(
-                "Kronecker factors of a grouped convolution (groups > 1) are not "
-                "block-Kronecker with one input factor; use DiagGGNExact/DiagGGNMC for it."
+                "Kronecker factors of a ConvTranspose applied more than once are not "
+                "supported; use DiagGGNExact/DiagGGNMC for it."
             )
 
     def kron_A(self):
-        self._check_groups()
+        """A, ``[Di, Di]`` or ``[g, Di, Di]`` per group (see :class:`Dense`)."""
         lay = self.layout
+        g = self.X.shape[2]
         if lay.kron_X is not None:  # ConvTranspose: its own unfold over output positions
-            if self.cot is None:
-                raise UnsupportedModuleError(
-                    "Kronecker factors of a ConvTranspose applied more than once are not "
-                    "supported; use DiagGGNExact/DiagGGNMC for it."
-                )
-            U = lay.kron_X()
+            self._needs_cot()
+            U = lay.kron_X()  # [N, P_out, C_in·k…], channel-major: groups are contiguous
             N = U.shape[0]
-            U = U.flatten(0, 1)
-            return U.T @ U / N
-        X = self.X
-        N, S = X.shape[:2]
-        X = X[:, :, 0].flatten(0, 1)
-        return X.T @ X / (N * S if lay.expand else N)
+            return _group_gram(U.reshape(-1, g, U.shape[-1] // g)) / N
+        N, S = self.X.shape[:2]
+        return _group_gram(self.X.flatten(0, 1)) / (N * S if lay.expand else N)
 
     def kron_G(self):
-        self._check_groups()
+        """G, ``[Do, Do]`` or ``[g, Do, Do]`` per group (see :class:`Dense`)."""
         lay = self.layout
+        g = self.X.shape[2]
         if lay.kron_rows is not None:
-            if self.cot is None:
-                raise UnsupportedModuleError(
-                    "Kronecker factors of a ConvTranspose applied more than once are not "
-                    "supported; use DiagGGNExact/DiagGGNMC for it."
-                )
-            R = lay.kron_rows(self.cot).flatten(0, 1)
-        elif lay.reduce_G:
-            R = self.R[:, :, :, 0].sum(2).flatten(0, 1)
-        else:
-            R = self.R[:, :, :, 0].flatten(0, 2)
-        return R.T @ R
+            self._needs_cot()
+            R = lay.kron_rows(self.cot).flatten(0, 1)  # [K·N, C_out]
+            return _group_gram(R.reshape(R.shape[0], g, -1))
+        if lay.reduce_G:
+            return _group_gram(self.R.sum(2).flatten(0, 1))
+        return _group_gram(self.R.flatten(0, 2))
+
+    def kron_factors(self) -> tuple[list[Tensor], str]:
+        """``([F_1, F_2], roles)`` in the layout's ``kron_order``: ``[G, A]`` or ``[A, G]``."""
+        G, A = self.kron_G(), self.kron_A()
+        return ([A, G], "AG") if self.layout.kron_order == "AG" else ([G, A], "GA")
 
 
 # ------------------------------------------------------------------------------ Elementwise
