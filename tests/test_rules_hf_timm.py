@@ -217,10 +217,6 @@ def test_conv1d_kfra_matches_linear_twin():
             assert_close(by_shape[tuple(e.shape)], e, f"{name}.kfra {tuple(e.shape)}")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "curvopt/quantities/_backprop.py and kfra.py (lead): kronecker() and KFRA.compute "
-    "return [G, A] for every Dense layout; they must follow DenseBound.kron_factors() / "
-    "Dense.kron_order so that Conv1D gets [A, G] (patch in the rules report)"))
 def test_conv1d_kronecker_order_is_A_G():
     model, loss_fn, X, y = _one_row()
     results, _ = run(model, loss_fn, X, y, [KFLR(), KFRA()])

@@ -91,9 +91,10 @@ def kronecker(ctx, pick) -> Factors | None:
     if len(bounds) == 1:
         b = bounds[0]
         if isinstance(b, DenseBound):
-            # ConvTranspose as BackPACK: [G (C_out²), Ω ((C_in·k…)²)], a Kronecker
-            # approximation of the GGN w.r.t. weight.transpose(0, 1).
-            return Factors.of([b.kron_G(), b.kron_A()], (LOSS, BATCH))
+            # In the layout's kron_order: [G, A] (Linear, Conv; ConvTranspose as BackPACK,
+            # [G, Ω] of weight.transpose(0, 1)) or [A, G] (HF Conv1D, weight [in, out]).
+            fs, order = b.kron_factors()
+            return Factors.of(fs, [LOSS if r == "G" else BATCH for r in order])
         if isinstance(b, ElementwiseBound) and b.Xhat is None:
             return Factors.of([b.kron_G()], (LOSS,))
         if isinstance(b, EmbeddingBound):

@@ -180,7 +180,7 @@ class KFRA(Quantity):
                 if isinstance(lay, Elementwise):
                     return Factors.of([G], (BATCH,))
                 A = DenseBound(lay, None, lay.X, cot=True).kron_A()
-                return Factors.of([G, A], (BATCH, BATCH))
+                return Factors.of([A, G] if lay.kron_order == "AG" else [G, A], (BATCH, BATCH))
         # No Kronecker structure (norm parameters, fallback modules): the dense block of
         # (1/N) Σ_n J_θ,nᵀ H̄ J_θ,n, from the columns of H̄^{1/2} broadcast to every sample.
         L = _sqrt_psd(H)
