@@ -118,10 +118,6 @@ BROADCAST = {"m.transformer.wpe.weight", "m.bert.embeddings.position_embeddings.
 XFAIL_BROADCAST = pytest.mark.xfail(strict=False, reason=(
     "issue 10 item 3 (engine): position embedding called on position ids of batch 1 and "
     "broadcast over the batch; per-sample results are [1, ...] / wrong"))
-XFAIL_FLAT = pytest.mark.xfail(strict=False, reason=(
-    "engine (quantities/diag_ggn.py senders, losses.CrossEntropy): the loss input has N·T rows "
-    "while the model's batch is N; each square-root column spans all rows, so positions "
-    "of one sample are coupled in the GGN (use logits.transpose(1, 2) meanwhile)"))
 
 FIRST = ("grad_batch", "sum_grad_squared", "variance", "batch_l2")
 SECOND = ("diag_ggn_exact", "kflr")  # compared with the oracle
@@ -359,7 +355,6 @@ def test_quantity_matches_oracle(name, layout, field, pname):
     check(name, layout, field, pname)
 
 
-@XFAIL_FLAT
 @pytest.mark.parametrize("name", list(MODELS))
 def test_flat_layout_second_order(name):
     """DiagGGNExact and KFLR with the loss on ``logits.reshape(-1, V)``: every parameter."""
@@ -411,20 +406,12 @@ def check(name, layout, field, pname):
 
 # ------------------------------------------------------------------------------ refusals
 
-XFAIL_KFRA_RAW = pytest.mark.xfail(strict=False, raises=RuntimeError, reason=(
-    "engine (issue 10 items 3 and 8): KFRA on the flat layout raises a raw RuntimeError "
-    "(kfra._columns_step reshapes the square root of H̄ over the N·T loss rows into the "
-    "model batch N)"))
-
-
 def _refused_cases():
     out = []
     for name in MODELS:
         for layout in LAYOUTS:
             for ext in (KFRA, DiagHessian):
-                raw = ext is KFRA and layout == "flat"
-                out.append(pytest.param(name, ext, layout, marks=[XFAIL_KFRA_RAW] if raw else [],
-                                        id=f"{name}-{layout}-{ext.savefield}"))
+                out.append(pytest.param(name, ext, layout, id=f"{name}-{layout}-{ext.savefield}"))
     return out
 
 

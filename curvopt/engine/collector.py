@@ -194,6 +194,7 @@ class Collector:
         #: Kronecker factors for some parameters and diagonals for others).
         self.only: dict | None = None
         self._loss = None  # curvopt.losses.Loss of loss_fn, once a quantity needs it
+        self._model_batch: int | None = None  # leading dimension of the model's first input
         self._backwards = 0
         self._handles: list = []
         # Records of forward passes not yet reached by a backward.  A record and its graph
@@ -264,6 +265,8 @@ class Collector:
                 "collect, or an optimizer of curvopt holding one). Exit the other first."
             )
         _refuse_compiled(self.model)
+        self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook,
+                                                                  with_kwargs=True))
         covered: list[str] = []  # modules whose whole subtree a generic rule handles
         for name, module in self.model.named_modules():
             if any(c == "" or name.startswith(c + ".") for c in covered):
@@ -330,6 +333,20 @@ class Collector:
                 rule.check(module, name)
 
         return hook
+
+    def _model_pre_hook(self, module, args, kwargs):
+        # The model's batch size: the leading dimension of its first tensor input.
+        if self._extensions and torch.is_grad_enabled() and not self._computing:
+            x = next((a for a in (*args, *kwargs.values()) if torch.is_tensor(a) and a.dim()), None)
+            self._model_batch = int(x.shape[0]) if x is not None else None
+
+    def _rows_per_sample(self, o: Tensor) -> int:
+        """Loss rows per model sample: ``T`` when the loss sees ``[N·T, ...]`` rows of ``N``
+        samples (sample-major, as ``logits.reshape(-1, V)``), else 1."""
+        N = self._model_batch
+        if N and o.shape[0] != N and o.shape[0] % N == 0:
+            return o.shape[0] // N
+        return 1
 
     def _boundary_hook(self, name):
         def hook(module, args, output):  # noqa: D401 - forward hook
@@ -494,7 +511,7 @@ class Collector:
         ctx = BackwardContext(
             loss=self._loss, output=lc.input, target=lc.target, grad_output=self._unscale(g),
             records=recs, boundaries=self._boundaries, requests=self._extensions,
-            mc_generator=self.mc_generator,
+            mc_generator=self.mc_generator, rows_per_sample=self._rows_per_sample(lc.input),
             global_batch=(lambda: self._global_batch(lc.input.shape[0], lc.input.device))
             if self._dist_on() else None,
         )

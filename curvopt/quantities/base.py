@@ -161,6 +161,8 @@ class BackwardContext:
     mc_generator: Callable | None = None
     #: under torch.distributed: ``() -> GlobalBatch`` (collectives: every rank calls it)
     global_batch: Callable[[], GlobalBatch] | None = None
+    #: loss rows per model sample (``logits.reshape(-1, V)`` of ``[N, T, V]``: ``T``)
+    rows_per_sample: int = 1
 
     def kinds(self) -> set[tuple]:
         return set().union(*(q.columns() for q in self.requests)) if self.requests else set()

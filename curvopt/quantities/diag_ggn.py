@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ._backprop import diagonal, kronecker, send_back, sync_factors
 from .base import EXACT, Quantity, mc, sender
 
 
 @sender("exact")
 def _send_exact(ctx, kinds):
-    S = ctx.loss.sqrt_hessian(ctx.output, ctx.target)
+    S = per_sample_columns(ctx.loss.sqrt_hessian(ctx.output, ctx.target), ctx.rows_per_sample)
     send_back(ctx.output, ctx.records, S, lambda r, g: setattr(r.columns, "exact", g))
 
 
@@ -30,6 +32,22 @@ def _send_mc(ctx, kinds):
     for _, M in sorted(kinds):
         S = ctx.loss.sample(o, ctx.target, M, gen)
         send_back(o, ctx.records, S, lambda r, g, M=M: r.columns.mc.__setitem__(M, g))
+
+
+def per_sample_columns(S, T: int):
+    """``[K, N·T, *c]`` columns of a loss whose ``N·T`` rows are ``T`` rows of each of the
+    model's ``N`` samples (sample-major: ``logits.reshape(-1, V)``) -> ``[K·T, N·T, *c]``
+    columns that are nonzero at one row per sample.
+
+    The rows' Hessians are independent; a column spanning a sample's ``T`` rows would add
+    cross terms between them once backpropagated into that sample's layers.
+    """
+    if T == 1:
+        return S
+    K, R = S.shape[:2]
+    S = S.reshape(K, 1, R // T, T, *S.shape[2:])
+    eye = torch.eye(T, dtype=S.dtype, device=S.device).reshape(1, T, 1, T, *[1] * (S.dim() - 4))
+    return (S * eye).reshape(K * T, R, *S.shape[4:])
 
 
 def exact_diagonal(ctx):

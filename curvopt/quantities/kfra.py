@@ -59,6 +59,13 @@ def propagate(ctx, kinds):
     """H̄ at every recorded layer output (``record.columns.kfra_H``), top to bottom."""
     o, recs = ctx.output, ctx.records
     N = o.shape[0]
+    if ctx.rows_per_sample != 1:
+        raise UnsupportedModuleError(
+            f"KFRA: the loss sees {N} rows for {N // ctx.rows_per_sample} model samples "
+            "(logits reshaped to [N*T, C]); its per-sample output Hessian recursion is "
+            "defined on the model's own output shape. Apply the loss to [N, C, T] logits "
+            "(logits.transpose(1, 2)), or use KFLR/KFAC."
+        )
     if len({id(r.module) for r in recs}) != len(recs):
         raise UnsupportedModuleError(
             "KFRA: a layer is applied more than once in the forward pass; its recursion "
