@@ -95,8 +95,8 @@ MODELS = {"gpt2": _gpt2, "bert": _bert, "llama": _llama}
 
 #: Parameters with Kronecker factors, and in which order (the others: one dense GGN block).
 #: GPT-2: its Conv1D layers ([A, G]); wte is tied to lm_head (two layer kinds: a block).
-#: BERT: the encoder's Linears; BertLMPredictionHead owns a bias itself, so its subtree
-#: (and the decoder weight tied to the word embeddings) takes the generic rule (item 4).
+#: BERT: the encoder's Linears and the prediction head's; BertLMPredictionHead's own bias
+#: is its decoder's (a Linear bias), the decoder weight is tied to the word embeddings.
 KRON = {
     "gpt2": {f"m.transformer.h.0.{m}.{p}": "AG" if p == "weight" else "G"
              for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -105,7 +105,9 @@ KRON = {
              for m in ("attention.self.query", "attention.self.key", "attention.self.value",
                        "attention.output.dense", "intermediate.dense", "output.dense")
              for p in ("weight", "bias")}
-            | {"m.bert.embeddings.position_embeddings.weight": "AG",
+            | {"m.cls.predictions.transform.dense.weight": "GA",
+               "m.cls.predictions.transform.dense.bias": "G", "m.cls.predictions.bias": "G",
+               "m.bert.embeddings.position_embeddings.weight": "AG",
                "m.bert.embeddings.token_type_embeddings.weight": "AG"},
     "llama": {f"m.model.layers.0.{m}.weight": "GA"
               for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
@@ -113,11 +115,8 @@ KRON = {
              | {"m.lm_head.weight": "GA", "m.model.embed_tokens.weight": "AG"},
 }
 
-#: issue 10 item 3 (lead): modules called on a batch-1 input that is broadcast later.
+#: modules called on a batch-1 input broadcast later (position ids [1, T]): exact too
 BROADCAST = {"m.transformer.wpe.weight", "m.bert.embeddings.position_embeddings.weight"}
-XFAIL_BROADCAST = pytest.mark.xfail(strict=False, reason=(
-    "issue 10 item 3 (engine): position embedding called on position ids of batch 1 and "
-    "broadcast over the batch; per-sample results are [1, ...] / wrong"))
 
 FIRST = ("grad_batch", "sum_grad_squared", "variance", "batch_l2")
 SECOND = ("diag_ggn_exact", "kflr")  # compared with the oracle
@@ -344,7 +343,7 @@ def _param_cases():
                 for field in FIELDS:
                     if layout == "flat" and field in SECOND:
                         continue
-                    marks = [XFAIL_BROADCAST] if pn in BROADCAST and field not in SHAPE_ONLY else []
+                    marks = []
                     out.append(pytest.param(name, layout, field, pn, marks=marks,
                                             id=f"{name}-{layout}-{field}-{pn[2:]}"))
     return out
@@ -362,8 +361,6 @@ def test_flat_layout_second_order(name):
     bad = []
     for pn in oracle.named_params(model):
         for field in SECOND:
-            if pn in BROADCAST:
-                continue
             try:
                 check(name, "flat", field, pn)
             except AssertionError as e:

@@ -41,8 +41,10 @@ from ..quantities.base import (
     send_columns,
 )
 from ..quantities.first_order import release_buffers
+from ..rules.fallback import FallbackRule
 from ..rules.layout import DenseBound, round_off
-from . import distributed
+from ..rules.param_use import ParamUseRule
+from . import distributed, graph
 
 __all__ = ["Collector", "collect", "release_buffers"]
 
@@ -78,6 +80,35 @@ def _weak(obj, method: str, *bound):
             return getattr(o, method)(*bound, g)
 
     return hook
+
+
+def _weak_pre(obj, rec):
+    """A node pre-hook (``grad_outputs -> None``) calling ``obj._grad_hook(rec, grad)``."""
+    ref = weakref.ref(obj)
+
+    def hook(grad_outputs):
+        o = ref()
+        if o is not None and grad_outputs[0] is not None:
+            o._grad_hook(rec, grad_outputs[0])
+
+    return hook
+
+
+def _expand(x, N):
+    if torch.is_tensor(x) and x.dim() and x.shape[0] == 1:
+        return x.expand(N, *x.shape[1:])
+    return x
+
+
+def _tensors(x) -> list:
+    """Every tensor in a (nested) output or argument structure (dicts, ModelOutputs, ...)."""
+    if torch.is_tensor(x):
+        return [x]
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    return []
 
 
 def _first_tensor(out):
@@ -276,6 +307,12 @@ class Collector:
                 # e.g. BatchNorm in train mode: checked before the forward, parameters or not
                 self._handles.append(module.register_forward_pre_hook(
                     self._call_check(registered, name)))
+            own = rules.container_params(module)
+            if own is not None:  # children keep their rules; the container's own parameters
+                if own:
+                    self._handles.append(module.register_forward_hook(
+                        self._container_hook(name, own), with_kwargs=True))
+                continue
             rule = rules.hooked(module)
             if rule is None:
                 if not any(True for _ in module.children()):
@@ -367,25 +404,73 @@ class Collector:
                 return
             out = _first_tensor(output)
             if out is None or not out.requires_grad:
-                return
+                return None
             self._recover()
-            self._order += 1
+            N = self._model_batch
+            if (N is not None and N > 1 and out is output and out.dim() and out.shape[0] == 1
+                    and not isinstance(rule, FallbackRule)):
+                # A call on a batch of one whose result is broadcast over the batch later
+                # (position embeddings on position ids [1, T]): the per-sample information
+                # exists only after the broadcast, so the call's output is expanded to the
+                # batch here (a view: no copy) and the rule sees the call on every sample.
+                out = output = out.expand(N, *out.shape[1:])
+                args = tuple(_expand(a, N) for a in args)
+                kwargs = {k: _expand(v, N) for k, v in kwargs.items()}
             dt = _compute_dtype(module)
-            rec = Record(
+            self._record(Record(
                 name=name, module=module, rule=rule, args=_detach_all(args, dt),
                 kwargs={k: _detach(v, dt) for k, v in kwargs.items()},
-                output=out.detach(), edge=get_gradient_edge(out), order=self._order,
+                output=out.detach(), edge=get_gradient_edge(out), order=0,
                 in_edge=_in_edge(args) if self._wants_in_edges else None, dtype=dt,
-            )
-            # Parameters without a gradient now will hold exactly this backward's gradient:
-            # Variance reuses it, and _check_coverage compares it with the recorded uses.
-            for p in rec.module.parameters():
-                if p.grad is None:
-                    self._grad_was_none.add(id(p))
-                else:
-                    self._grad_was_none.discard(id(p))
-            self._pending.append(rec)
-            out.register_hook(_weak(self, "_grad_hook", rec))
+            ), rec_params=list(module.parameters()))
+            out.register_hook(_weak(self, "_grad_hook", self._pending[-1]))
+            return output
+
+        return hook
+
+    def _record(self, rec: Record, rec_params) -> None:
+        self._order += 1
+        rec.order = self._order
+        rec.batch = self._model_batch
+        # Parameters without a gradient now will hold exactly this backward's gradient:
+        # Variance reuses it, and _check_coverage compares it with the recorded uses.
+        for p in rec_params:
+            if p.grad is None:
+                self._grad_was_none.add(id(p))
+            else:
+                self._grad_was_none.discard(id(p))
+        self._pending.append(rec)
+
+    def _container_hook(self, name, own: list[str]):
+        """A container's own parameters: a record at the operation that broadcasts each
+        over the batch (:mod:`curvopt.engine.graph`), the generic rule for the others."""
+        def hook(module, args, kwargs, output):
+            if not self._extensions or not torch.is_grad_enabled() or self._computing:
+                return
+            outs = _tensors(output)
+            if not any(t.requires_grad for t in outs) or self._model_batch is None:
+                return
+            self._recover()
+            params = {n: module._parameters[n] for n in own}
+            found, unsupported = graph.find_uses(outs, [*_tensors(args), *_tensors(kwargs)],
+                                                 params, self._model_batch)
+            for use, edge in found:
+                dt = torch.promote_types(params[use.name].dtype, torch.float32)
+                rec = Record(name=f"{name}.{use.name}" if name else use.name, module=module,
+                             rule=ParamUseRule(use), args=(), kwargs={},
+                             output=torch.empty((), dtype=dt, device=outs[0].device).expand(use.O),
+                             edge=edge, dtype=dt)
+                self._record(rec, [params[use.name]])
+                edge.node.register_prehook(_weak_pre(self, rec))
+            if unsupported:  # read by the generic rule, differentiating these parameters only
+                out = next(t for t in outs if t.requires_grad)
+                dt = _compute_dtype(module)
+                rec = Record(name=name, module=module, rule=FallbackRule(frozenset(unsupported)),
+                             args=_detach_all(args, dt),
+                             kwargs={k: _detach(v, dt) for k, v in kwargs.items()},
+                             output=out.detach(), edge=get_gradient_edge(out), dtype=dt)
+                self._record(rec, [params[n] for n in unsupported])
+                out.register_hook(_weak(self, "_grad_hook", rec))
 
         return hook
 
@@ -611,6 +696,7 @@ class Collector:
         per_param: dict[nn.Parameter, list] = {}
         for r in recs:
             for lay in r.layouts().values():
+                _check_batch(r, lay)
                 per_param.setdefault(lay.param, []).append((r, lay))
         dist_on = self._dist_on()
         out: dict[str, dict] = {}
@@ -635,6 +721,21 @@ class Collector:
             gb = self._global_batch(n_local, recs[0].output.device)
             distributed.reduce_results(out, jobs, gb, self.gather)
         return out
+
+
+def _check_batch(rec: Record, lay) -> None:
+    """Refuse a call whose batch is not the model's: its rows are not samples (relative
+    position ids ``[T, T]``), or a batch of one that was not broadcast over the batch."""
+    N = rec.batch
+    if N is None or lay.N == N or (isinstance(rec.rule, FallbackRule) and lay.N != 1):
+        return  # (the generic rule reads the batch where the module keeps it)
+    raise CollectError(
+        f"layer '{rec.name}' was called on {lay.N} rows while the model's input has {N} "
+        "samples: its inputs do not run along the batch (e.g. relative positions [T, T], or "
+        "a batch of one used without broadcasting), so per-sample and curvature quantities "
+        f"of '{rec.name}' are not defined. Freeze its parameters (requires_grad_(False)) or "
+        "call it on per-sample inputs."
+    )
 
 
 def _check_coverage(ctx: ParamContext) -> None:

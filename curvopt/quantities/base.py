@@ -114,6 +114,7 @@ class Record:
     in_edge: object = None  #: gradient edge of the module's input (KFRA/DiagHessian fast paths)
     grad: Tensor | None = None  #: the gradient autograd delivered at the output
     dtype: torch.dtype = torch.float32  #: captured tensors and columns are kept in this dtype
+    batch: int | None = None  #: the model's batch size when the call was recorded
     done: bool = False
     columns: Columns = field(default_factory=Columns)
     _layouts: dict | None = None

@@ -25,7 +25,7 @@ from __future__ import annotations
 from . import activations, conv, embedding, hf, linear, norm, timm  # noqa: F401
 from .fallback import FALLBACK
 from .layout import Dense, Elementwise, Embedding, Layout, Materialized, Rule
-from .registry import hooked, lookup, register, register_lazy, registered
+from .registry import container_params, hooked, lookup, register, register_lazy, registered
 
 __all__ = [
     "Rule",
@@ -40,5 +40,6 @@ __all__ = [
     "lookup",
     "registered",
     "hooked",
+    "container_params",
     "activations",
 ]

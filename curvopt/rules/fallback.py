@@ -25,10 +25,19 @@ def batch_dim(module) -> int:
 
 
 class FallbackRule(Rule):
-    covers_subtree = True
+    """``torch.func`` per-sample gradients of every parameter in the module's subtree
+    (``names``: of these parameters the module owns directly; its children keep theirs)."""
+
+    def __init__(self, names: frozenset | None = None):
+        self.names = names  # None: the whole subtree; else these own parameters only
+        self.covers_subtree = names is None
 
     def layouts(self, module, args, kwargs, output):
-        params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        if self.names is not None:
+            params = {n: p for n, p in module.named_parameters(recurse=False)
+                      if p.requires_grad and n in self.names}
+        else:
+            params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         if not params:
             return {}
         bd = batch_dim(module)

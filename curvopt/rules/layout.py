@@ -450,6 +450,13 @@ class ElementwiseBound(Bound):
         # A bias has the Kronecker factor G of its layer alone (BackPACK: ``[G]``).
         if self.Xhat is not None:
             return None
+        D = self.R.shape[-1]
+        if D > MAX_DENSE_BLOCK:
+            raise UnsupportedModuleError(
+                f"the curvature block of a parameter with {D} entries would be {D}x{D}; "
+                f"above {MAX_DENSE_BLOCK} curvopt refuses it. Ask for the diagonal "
+                "(DiagGGNExact/DiagGGNMC) for this parameter instead."
+            )
         R = self.R.sum(2).flatten(0, 1) if self.layout.reduce_G else self.R.flatten(0, 2)
         return R.T @ R
 

@@ -89,3 +89,27 @@ def hooked(module: nn.Module) -> Rule | None:
 
 def _same_params(module: nn.Module) -> bool:
     return {n for n, _ in module.named_parameters(recurse=False)} <= {"weight", "bias"}
+
+
+def container_params(module: nn.Module) -> list[str] | None:
+    """Names of the parameters a *container* uses itself, or ``None`` if ``module`` is not
+    a container.
+
+    A container has no registered rule and children that own parameters (a ViT owning its
+    class token, a block owning a layer scale): its children keep their own rules, and
+    only the parameters it owns directly (and shares with no child) take the slower path
+    of :mod:`.param_use` or the generic rule.
+    """
+    if registered(module) is not None or parametrize.is_parametrized(module):
+        return None
+    if not any(True for c in module.children() for _ in c.parameters()):
+        return None
+    in_children = {id(p) for c in module.children() for p in c.parameters()}
+    return [n for n, p in module.named_parameters(recurse=False)
+            if p.requires_grad and id(p) not in in_children]
+
+
+# nn.MultiheadAttention calls its child ``out_proj`` functionally
+# (F.multi_head_attention_forward), so the child's hooks never fire: it is differentiated
+# as a whole, never treated as a container.
+_REGISTRY[nn.MultiheadAttention] = FALLBACK
