@@ -191,6 +191,14 @@ class Collector:
         gather: under ``torch.distributed``, also concatenate ``grad_batch`` and
             ``batch_l2`` over ranks (by default they stay on their rank, rescaled to
             the global loss).
+        batch_coupling: ``"error"`` (default): a layer that mixes the samples of the batch
+            (BatchNorm in train mode) raises, since per-sample quantities are not defined;
+            ``"rows"``: every quantity treats the rows of what flows back through the
+            coupled graph as samples (the K-FAC practice of kfac-pytorch and kfac-jax):
+            ``grad_batch[n]`` is row n's part of the gradient (they still sum to
+            ``p.grad``), the GGN diagonals and Kronecker factors use the loss-Hessian
+            columns backpropagated through the coupled graph, row by row; KFRA and
+            DiagHessian, which need per-sample Jacobians, raise.
         loss_scaling: what to do when the loss module's output is multiplied by a
             factor ``s`` before backward (``d total / d loss = s``): ``"warn"``
             (default; first-order quantities follow the scaled loss, curvature the loss
@@ -203,7 +211,8 @@ class Collector:
     """
 
     def __init__(self, model: nn.Module, loss_fn=None, extensions=(), set_attributes=True,
-                 distributed="auto", gather=False, single_backward=False, loss_scaling="warn"):
+                 distributed="auto", gather=False, single_backward=False, loss_scaling="warn",
+                 batch_coupling="error"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"collect: model must be an nn.Module, got {type(model).__name__}")
         if loss_scaling not in ("warn", "unscale"):
@@ -215,6 +224,10 @@ class Collector:
         self.gather = gather
         self.single_backward = single_backward
         self.loss_scaling = loss_scaling
+        if batch_coupling not in ("error", "rows"):
+            raise ValueError(f"collect: batch_coupling must be 'error' or 'rows', got {batch_coupling!r}")
+        self.batch_coupling = batch_coupling
+        self._coupled = False  # a layer coupled the samples of the running forward pass
         #: ``d total / d (loss module output)`` of the last backward (1.0 when unscaled).
         self.loss_scale = 1.0
         #: ``None`` (MC targets from torch's global RNG) or ``device -> torch.Generator``:
@@ -348,6 +361,7 @@ class Collector:
         self._loss_calls.clear()
         self._loss_seen = self._queued = self._nested = self._computing = False
         self._loss_arg = None
+        self._coupled = False
 
     def _recover(self) -> None:
         """A forward pass starts: if the last backward was aborted (an exception or an
@@ -366,8 +380,9 @@ class Collector:
     # ----------------------------------------------------------------------------- hooks
     def _call_check(self, rule, name):
         def hook(module, args):
-            if self._extensions and torch.is_grad_enabled():
-                rule.check(module, name)
+            if self._extensions and torch.is_grad_enabled() and not self._computing:
+                if rule.check(module, name, self.batch_coupling):
+                    self._coupled = True
 
         return hook
 
@@ -593,6 +608,15 @@ class Collector:
                 "inputs for non-finite values and the learning rate; curvopt's optimizers "
                 "skip such steps by themselves."
             )
+        if self._coupled:
+            bad = [type(e).__name__ for e in self._extensions if isinstance(e, (KFRA, DiagHessian))]
+            if bad:
+                raise CollectError(
+                    f"{', '.join(bad)} need(s) per-sample Jacobians, which a layer that mixes "
+                    "the samples of the batch (BatchNorm in train mode) does not have, also "
+                    "with batch_coupling='rows'. Use model.eval() for these quantities, or "
+                    "the GGN quantities (DiagGGNExact, KFLR, KFAC)."
+                )
         ctx = BackwardContext(
             loss=self._loss, output=lc.input, target=lc.target, grad_output=self._unscale(g),
             records=recs, boundaries=self._boundaries, requests=self._extensions,
@@ -617,6 +641,7 @@ class Collector:
 
     def _finalize(self):
         loss_seen = self._loss_seen
+        self._coupled = False
         self._queued = False
         self._loss_seen = False
         self._backwards += 1
@@ -774,7 +799,8 @@ def _check_coverage(ctx: ParamContext) -> None:
 
 @contextmanager
 def collect(model: nn.Module, loss_fn=None, *extensions: Quantity, set_attributes: bool = True,
-            distributed="auto", gather: bool = False):
+            distributed="auto", gather: bool = False, batch_coupling: str = "error",
+            loss_scaling: str = "warn"):
     """Compute ``extensions`` during the backward passes inside the ``with`` block.
 
     .. code-block:: python
@@ -792,7 +818,8 @@ def collect(model: nn.Module, loss_fn=None, *extensions: Quantity, set_attribute
         extensions = (loss_fn, *extensions)
         loss_fn = None
     col = Collector(model, loss_fn, extensions, set_attributes=set_attributes,
-                    distributed=distributed, gather=gather, single_backward=True)
+                    distributed=distributed, gather=gather, single_backward=True,
+                    batch_coupling=batch_coupling, loss_scaling=loss_scaling)
     col.attach()
     try:
         yield col

@@ -202,6 +202,13 @@ def find_smooth(root, skip=()):
         elif name in NORMS:
             if inputs[0]:
                 smooth.append(n)
+        elif name in ("NativeBatchNormBackward0", "CudnnBatchNormBackward0") and inputs[0] \
+                and getattr(n, "_saved_training", False):
+            raise UnsupportedModuleError(
+                "DiagHessian: batch normalization with the statistics of the current batch "
+                "(train mode) is nonlinear in the batch and couples its samples; curvopt does "
+                "not add its residual. Use model.eval(), or DiagGGNExact."
+            )
         elif name not in LINEAR:
             raise UnsupportedModuleError(
                 f"DiagHessian: operation {name} acts on parameter-dependent values and its "

@@ -58,9 +58,11 @@ class Rule:
         """Map each own parameter name of ``module`` to its :class:`Layout`."""
         raise NotImplementedError
 
-    def check(self, module, name: str) -> None:
-        """Raise before the forward if the call is outside what the rule defines (BatchNorm
-        in train mode mixes samples).  Runs for every module of the type, parameters or not."""
+    def check(self, module, name: str, coupling: str = "error") -> bool:
+        """Before the forward: raise if the call is outside what the rule defines, and say
+        whether it couples the samples of the batch (BatchNorm in train mode), which
+        ``coupling="rows"`` accepts.  Runs for every module of the type, parameters or not."""
+        return False
 
     def kfra_G(self, module, H: Tensor, out_shape) -> Tensor | None:
         """KFRA: the Kronecker factor ``G`` read off the batch-averaged Hessian ``H``
