@@ -199,6 +199,14 @@ class Collector:
             ``p.grad``), the GGN diagonals and Kronecker factors use the loss-Hessian
             columns backpropagated through the coupled graph, row by row; KFRA and
             DiagHessian, which need per-sample Jacobians, raise.
+        accumulate: ``False`` (default): each backward pass replaces the results.
+            ``True``: the backward passes since the last :meth:`reset` are micro-batches
+            of one batch (gradient accumulation: ``(loss / k).backward()`` k times, or a
+            sum loss): :attr:`results` describe their union exactly as one backward over
+            the concatenated batch would (per-sample quantities concatenated; every
+            other quantity re-normalized with the union's loss normalizer).  Use with
+            ``loss_scaling="unscale"`` when the loss is divided by ``k`` after the loss
+            module.  KFRA refuses a second micro-batch.
         loss_scaling: what to do when the loss module's output is multiplied by a
             factor ``s`` before backward (``d total / d loss = s``): ``"warn"``
             (default; first-order quantities follow the scaled loss, curvature the loss
@@ -212,7 +220,7 @@ class Collector:
 
     def __init__(self, model: nn.Module, loss_fn=None, extensions=(), set_attributes=True,
                  distributed="auto", gather=False, single_backward=False, loss_scaling="warn",
-                 batch_coupling="error"):
+                 batch_coupling="error", accumulate=False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"collect: model must be an nn.Module, got {type(model).__name__}")
         if loss_scaling not in ("warn", "unscale"):
@@ -228,6 +236,10 @@ class Collector:
             raise ValueError(f"collect: batch_coupling must be 'error' or 'rows', got {batch_coupling!r}")
         self.batch_coupling = batch_coupling
         self._coupled = False  # a layer coupled the samples of the running forward pass
+        self.accumulate = accumulate
+        self._union: dict = {}  # (param name, savefield) -> (quantity, additive state)
+        self._union_z = self._union_n = 0.0  # the union's loss normalizer and sample count
+        self._normalizer_local = None  # this backward's loss normalizer (accumulation)
         #: ``d total / d (loss module output)`` of the last backward (1.0 when unscaled).
         self.loss_scale = 1.0
         #: ``None`` (MC targets from torch's global RNG) or ``device -> torch.Generator``:
@@ -504,7 +516,7 @@ class Collector:
                 "inside collect (retain_graph and a second backward?). Quantities are "
                 "computed once per forward+backward: run a new forward before each backward."
             )
-        if self.single_backward and self._backwards:
+        if self.single_backward and self._backwards and not self.accumulate:
             raise CollectError(
                 "a second backward pass inside one `with curvopt.collect(...)` block: the "
                 "results of the first would be overwritten. Use one collect block per "
@@ -551,6 +563,11 @@ class Collector:
             )
         lc = LossCall(module, o, args[1].detach() if len(args) > 1 else None, output)
         self._loss_calls.append(lc)
+        if self.accumulate and lc.target is not None:
+            try:
+                self._normalizer_local = losses.of(module).normalizer(o, lc.target)
+            except UnsupportedLossError:
+                self._normalizer_local = None
         if _dist.active() and lc.target is not None and getattr(module, "reduction", "") == "mean":
             try:
                 self._normalizer = losses.of(module).normalizer(o, lc.target)
@@ -741,11 +758,43 @@ class Collector:
             if fresh:
                 _check_coverage(ctx)
             out[name] = res
+        gb = None
         if dist_on and recs:
             n_local = next(iter(recs[0].layouts().values())).N
             gb = self._global_batch(n_local, recs[0].output.device)
             distributed.reduce_results(out, jobs, gb, self.gather)
+        if self.accumulate and recs:
+            out = self._accumulate(out, jobs, recs, gb)
         return out
+
+    def _accumulate(self, out, jobs, recs, gb) -> dict:
+        """Fold this backward's results into the union of the micro-batches since
+        :meth:`reset` (see ``accumulate``) and return the union's results."""
+        summed = self.loss_fn is not None and getattr(self.loss_fn, "reduction", "mean") == "sum"
+        n = next(iter(recs[0].layouts().values())).N
+        z = float(self._normalizer_local) if self._normalizer_local is not None else float(n)
+        if gb is not None:  # the results describe the global batch: its normalizer
+            n, z = gb.n_global, z / gb.rho
+        z = 1.0 if summed else z
+        self._normalizer_local = None
+        for name, q, ctx in jobs:
+            state = q.unnormalize(out[name][q.savefield], ctx, z, n)
+            key = (name, q.savefield)
+            if key in self._union:
+                state = q.merge(self._union[key][1], state)
+            self._union[key] = (q, state)
+        self._union_n += n
+        self._union_z = 1.0 if summed else self._union_z + z
+        union: dict[str, dict] = {}
+        for (name, field), (q, state) in self._union.items():
+            union.setdefault(name, {})[field] = q.normalize(state, self._union_z, self._union_n)
+        return union
+
+    def reset(self) -> None:
+        """Start a new union of micro-batches (``accumulate=True``): the next backward
+        pass is the first of the next batch."""
+        self._union = {}
+        self._union_z = self._union_n = 0.0
 
 
 def _check_batch(rec: Record, lay) -> None:
@@ -800,7 +849,7 @@ def _check_coverage(ctx: ParamContext) -> None:
 @contextmanager
 def collect(model: nn.Module, loss_fn=None, *extensions: Quantity, set_attributes: bool = True,
             distributed="auto", gather: bool = False, batch_coupling: str = "error",
-            loss_scaling: str = "warn"):
+            loss_scaling: str = "warn", accumulate: bool = False):
     """Compute ``extensions`` during the backward passes inside the ``with`` block.
 
     .. code-block:: python
@@ -811,7 +860,9 @@ def collect(model: nn.Module, loss_fn=None, *extensions: Quantity, set_attribute
 
     Hooks are installed on entry and all removed on exit, also when the body
     raises.  One backward pass per block: a second raises :class:`CollectError`
-    (use a :class:`Collector` for a loop).  ``loss_fn`` may be ``None`` when only first-order quantities are
+    (use a :class:`Collector` for a loop), unless ``accumulate=True``: then the
+    backward passes of the block are micro-batches of one batch, and the results
+    describe their union (see :class:`Collector`).  ``loss_fn`` may be ``None`` when only first-order quantities are
     requested.  Yields the :class:`Collector` (``.results`` keyed by parameter name).
     """
     if isinstance(loss_fn, Quantity):
@@ -819,7 +870,8 @@ def collect(model: nn.Module, loss_fn=None, *extensions: Quantity, set_attribute
         loss_fn = None
     col = Collector(model, loss_fn, extensions, set_attributes=set_attributes,
                     distributed=distributed, gather=gather, single_backward=True,
-                    batch_coupling=batch_coupling, loss_scaling=loss_scaling)
+                    batch_coupling=batch_coupling, loss_scaling=loss_scaling,
+                    accumulate=accumulate)
     col.attach()
     try:
         yield col

@@ -113,3 +113,19 @@ def sync_factors(value: Factors, gb):
     """Kronecker factors over ranks: loss-scaled ones ``Σ ρ_r q_r``, batch averages ``Σ w_r q_r``."""
     parts = [f * (gb.rho if s == LOSS else gb.w) for f, s in zip(value, value.scaling)]
     return parts, value.like
+
+
+class KroneckerQuantity:
+    """Micro-batches of Kronecker factors: loss-scaled factors ``Σ q z / Z``, batch
+    averages ``Σ q n / N`` (mixed into the quantity classes that return :class:`Factors`)."""
+
+    def unnormalize(self, value, ctx, z, n):
+        return value.like([f * (z if s == LOSS else n) for f, s in zip(value, value.scaling)])
+
+    def merge(self, a, b):
+        if len(a) != len(b) or a.scaling != b.scaling:
+            raise ValueError("Kronecker factors of different structure cannot be merged")
+        return a.like([x + y for x, y in zip(a, b)])
+
+    def normalize(self, state, Z, N):
+        return state.like([f / (Z if s == LOSS else N) for f, s in zip(state, state.scaling)])

@@ -77,6 +77,27 @@ class Quantity:
         gives the global batch's value.  Default: linear in the loss, ``Σ_r ρ_r q_r``."""
         return [value * gb.rho], lambda parts: parts[0]
 
+    # -- micro-batches (gradient accumulation) -------------------------------------------
+    #: how the value depends on the loss normalizer ``f = 1/z``: ``1`` (linear in the loss:
+    #: GGN diagonals) or ``2`` (sums of squared per-sample gradients); per-sample values
+    #: (``per_sample = True``) are concatenated over micro-batches instead of summed.
+    power: ClassVar[int] = 1
+    per_sample: ClassVar[bool] = False
+
+    def unnormalize(self, value, ctx: ParamContext, z: float, n: int):
+        r"""One micro-batch's ``value`` (normalizer ``z``, ``n`` samples) as an additive
+        state, independent of the normalization: :math:`q\,z^{p}`."""
+        return value * z**self.power
+
+    def merge(self, a, b):
+        """Two micro-batches' states combined (the union of their samples)."""
+        return torch.cat([a, b]) if self.per_sample else a + b
+
+    def normalize(self, state, Z: float, N: int):
+        """The union's value from its state (normalizer ``Z``, ``N`` samples): exactly what
+        one backward over the concatenated batch gives."""
+        return state / Z**self.power
+
 
 # -------------------------------------------------------------------- captured calls
 @dataclass(eq=False)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._backprop import diagonal, kronecker, send_back, sync_factors
+from ._backprop import KroneckerQuantity, diagonal, kronecker, send_back, sync_factors
 from .base import EXACT, Quantity, mc, sender
 
 
@@ -113,7 +113,7 @@ class DiagGGNMC(Quantity):
 
 
 @dataclass(frozen=True)
-class KFAC(Quantity):
+class KFAC(KroneckerQuantity, Quantity):
     """Kronecker-factored GGN with Monte-Carlo loss Hessian, ``kfac`` (list of factors).
 
     Factors in row-major order (BackPACK's): weight of Linear/Conv:
@@ -146,7 +146,7 @@ class KFAC(Quantity):
 
 
 @dataclass(frozen=True)
-class KFLR(Quantity):
+class KFLR(KroneckerQuantity, Quantity):
     """Kronecker factors like :class:`KFAC` but from the exact loss Hessian square root, ``kflr``.
 
     Botev, Ritter & Barber (2017), extended to convolutions as Grosse & Martens (2016).

@@ -36,7 +36,7 @@ from ..errors import UnsupportedModuleError
 from ..factors import BATCH, Factors
 from ..rules import activations
 from ..rules.layout import Dense, DenseBound, Elementwise
-from ._backprop import grads, kronecker, sync_factors
+from ._backprop import KroneckerQuantity, grads, kronecker, sync_factors
 from .base import KFRA_H, Quantity, sender
 
 #: KFRA stops (with a warning) above a layer whose dense H̄ is larger than this per side ...
@@ -155,7 +155,7 @@ def _columns_step(b, H, src, src_shape, src_dtype, N):
 
 
 @dataclass(frozen=True)
-class KFRA(Quantity):
+class KFRA(KroneckerQuantity, Quantity):
     """Kronecker factors with a batch-averaged output Hessian passed back layer by layer, ``kfra``.
 
     .. math:: \\bar H_{\\text{top}} = f \\sum_n H_n,\\quad
@@ -197,3 +197,10 @@ class KFRA(Quantity):
 
     def sync(self, value, ctx, gb):
         return sync_factors(value, gb)
+
+    def merge(self, a, b):
+        raise UnsupportedModuleError(
+            "KFRA over several backward passes (gradient accumulation): its recursion "
+            "averages over the whole batch at every layer, which micro-batches cannot "
+            "reproduce. Use one backward per step for KFRA, or KFLR/KFAC."
+        )
