@@ -862,8 +862,8 @@ def collect(model: nn.Module, loss_fn=None, *extensions: Quantity, set_attribute
     raises.  One backward pass per block: a second raises :class:`CollectError`
     (use a :class:`Collector` for a loop), unless ``accumulate=True``: then the
     backward passes of the block are micro-batches of one batch, and the results
-    describe their union (see :class:`Collector`).  ``loss_fn`` may be ``None`` when only first-order quantities are
-    requested.  Yields the :class:`Collector` (``.results`` keyed by parameter name).
+    describe their union (see :class:`Collector`).  ``loss_fn`` may be ``None`` when only
+    first-order quantities are requested.  Yields the :class:`Collector` (``.results`` keyed by parameter name).
     """
     if isinstance(loss_fn, Quantity):
         extensions = (loss_fn, *extensions)
