@@ -10,8 +10,15 @@ Each holds a :class:`curvopt.Collector` on the model: write the ordinary
 ``loss.backward(); opt.step()`` loop, read statistics from ``opt.state[p]``.
 """
 
+from ._base import CurvatureChoiceWarning, OptimizerError
 from .diag_ggn_adam import DiagGGNAdam
 from .kfac import KFACOptimizer
 from .variance_sgd import VarianceAdaptiveSGD
 
-__all__ = ["KFACOptimizer", "DiagGGNAdam", "VarianceAdaptiveSGD"]
+__all__ = [
+    "KFACOptimizer",
+    "DiagGGNAdam",
+    "VarianceAdaptiveSGD",
+    "OptimizerError",
+    "CurvatureChoiceWarning",
+]
