@@ -234,11 +234,15 @@ class KFACOptimizer(CurvatureOptimizer):
             factor_decay=factor_decay,
         )
         super().__init__(model, loss_fn, defaults, params=params, track=track, seed=seed)
-        self._report_plan()
         self.base_optimizer = None
-        if base_optimizer is not None:
-            groups = [{"params": g["params"], "lr": g["lr"]} for g in self.param_groups]
-            self.base_optimizer = base_optimizer(groups, **(base_optimizer_kwargs or {}))
+        try:
+            self._report_plan()
+            if base_optimizer is not None:
+                groups = [{"params": g["params"], "lr": g["lr"]} for g in self.param_groups]
+                self.base_optimizer = base_optimizer(groups, **(base_optimizer_kwargs or {}))
+        except BaseException:
+            self.close()  # a half-built optimizer must not hold the model
+            raise
 
     # ------------------------------------------------------------------------- blocks
     def _params(self) -> list[Tensor]:
