@@ -442,6 +442,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._handles = [
             model.register_forward_pre_hook(_weak_method(self, "_model_pre_hook"),
                                             with_kwargs=True),
+            model.register_forward_hook(_weak_method(self, "_model_hook")),
         ]
         if isinstance(loss_fn, nn.Module):
             self._handles += [
@@ -587,6 +588,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if x is not None and torch.is_grad_enabled() and not _functorch_wrapped(x):
             self._batch_size = int(x.shape[0])
 
+    def _model_hook(self, module, args, output):
+        out = _first_tensor((output,) if isinstance(output, Tensor) else output, {}) \
+            if isinstance(output, (Tensor, tuple, list)) else None
+        if out is not None and out.requires_grad and not _functorch_wrapped(out):
+            out.register_hook(_weak_method(self, "_backward_reached_model"))
+
     def _loss_check_hook(self, module, args, output):
         # Runs before the engine's loss hook: it may still change what the engine computes.
         if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
@@ -611,9 +618,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             output.register_hook(_weak_method(self, "_backward_started"))
 
     def _backward_started(self, g: Tensor) -> None:
-        # The loss output is where every backward through the loss begins.
+        # The loss output is where every backward through the loss begins: before the
+        # engine's loss-input hook draws MC samples.
         self._loss_scale = g.detach() if g.numel() == 1 else None
         self._rng_snapshot = None
+        self._backward_reached_model(g)
+
+    def _backward_reached_model(self, g: Tensor) -> None:
+        """A backward is running; a callback at its end says it finished (else: _recover)."""
         if not self._in_backward:
             self._in_backward = True
             torch.autograd.Variable._execution_engine.queue_callback(

@@ -291,3 +291,21 @@ def test_default_seed_comes_from_the_global_rng():
         opt.close()
         runs.append(snapshot(m))
     assert _same(*runs)
+
+
+def test_an_interrupted_backward_without_a_loss_module_does_not_wedge():
+    """First-order only (loss_fn=None): the engine is re-attached after the interrupt too."""
+    data = batches(4, N=6)
+    m1, m2 = tiny_mlp(0), tiny_mlp(0)
+    o1, o2 = VarianceAdaptiveSGD(m1, None), VarianceAdaptiveSGD(m2, None)
+    train(o1, m1, LOSS, data[:1])
+    handle = m1[1].register_forward_hook(_interrupting_hook)
+    o1.zero_grad()
+    with pytest.raises(KeyboardInterrupt):
+        LOSS(m1(data[1][0]), data[1][1]).backward()
+    handle.remove()
+    train(o1, m1, LOSS, data[2:])
+    train(o2, m2, LOSS, data[:1] + data[2:])
+    assert _same(snapshot(m1), snapshot(m2))
+    o1.close()
+    o2.close()
