@@ -1,26 +1,37 @@
 """curvopt: per-sample statistics and curvature from one backward pass, and optimizers using them.
 
-Architecture (where a new layer or a new quantity goes)::
+Architecture (imports only go down this list; ``tests/test_architecture.py`` checks it)::
 
     curvopt/
-      extensions.py        the ten requests (BatchGrad ... DiagHessian): names, options, formulas
-      engine/collector.py  hooks: capture layer inputs/outputs on forward; at the start of
-                           backward send loss-Hessian columns back through autograd to every
-                           layer output; at the end of backward compute everything
-      losses.py            square roots (exact / MC) of each loss's Hessian
-      rules/               one small rule per layer type -> a canonical layout
-        layout.py            Dense (Linear/Conv/ConvT), Elementwise (bias, norms), Embedding,
-                             Materialized (anything else); their maths
-        linear.py conv.py embedding.py norm.py   fast rules (register a new layer here)
+      errors.py, factors.py, _dist.py   errors; Kronecker factor lists; torch.distributed calls
+      rules/               what curvopt knows about each layer type, one rule per type:
+        layout.py            the canonical layouts (Dense: Linear/Conv/ConvT, Elementwise:
+                             biases and norms, Embedding, Materialized) and their maths
+        registry.py          module type -> rule; subclasses, parametrizations, the fallback
+        linear.py conv.py embedding.py norm.py   fast rules
         fallback.py          torch.func per-sample gradients for any other module
-      quantities/          layer-agnostic formulas: first_order.py, second_order.py
-                           (diagonals, Kronecker factors), kfra.py, diag_hessian.py
+        activations.py       parameter-free modules KFRA steps over in closed form
+      losses.py            one class per loss: Hessian square roots, MC samples, normalizer
+      quantities/          one registered class per quantity (base.py: Quantity, Record,
+                           the contexts); first_order.py, diag_ggn.py (DiagGGN, KFAC, KFLR),
+                           kfra.py, diag_hessian.py
+      extensions.py        the user-facing names of the quantities (BackPACK's)
+      engine/              hooks (collector.py) and the reduction over ranks (distributed.py)
       optim/               optimizers: pure update functions + thin torch.optim classes
-      recipes/, cli.py     TOML recipes and the ``curvopt`` command
+      recipes/, cli.py     TOML recipes and the ``curvopt`` command (extra ``[recipes]``)
 
-A new layer: write a rule that maps (module, inputs, output) to a layout and
-``@register`` it.  A new quantity: an extension class plus a formula over
-layouts in ``quantities/``.
+Where things go:
+
+* **a new layer**: a rule file in ``rules/`` (``@register(MyLayer)``, ``layouts()`` mapping
+  the call to a layout; ``kronecker()``, ``kfra_G()``, ``kfra_step()``, ``check()`` where
+  it has them), imported in ``rules/__init__.py``;
+* **a new quantity**: a :class:`curvopt.quantities.base.Quantity` subclass (``savefield``,
+  ``columns()``, ``compute()``, ``sync()``) in a file in ``quantities/``, imported in its
+  ``__init__`` and named in ``extensions.py``: the engine, ``torch.distributed``, the
+  optimizers' ``track=`` and the recipes pick it up from the registry;
+* **a new loss**: a :class:`curvopt.losses.Loss` subclass and an entry in ``losses.LOSSES``;
+* **a new optimizer**: a pure update function in ``optim/functional.py`` and a thin
+  subclass of ``optim/_base.CurvatureOptimizer`` naming the quantities it needs.
 """
 
 from . import extensions
@@ -38,17 +49,9 @@ from .extensions import (
     SumGradSquared,
     Variance,
 )
+from .optim import DiagGGNAdam, KFACOptimizer, VarianceAdaptiveSGD
 
 __version__ = "0.1.0"
-
-
-def __getattr__(name):
-    # Optimizers are imported lazily so that the engine stays importable on its own.
-    if name in ("KFACOptimizer", "DiagGGNAdam", "VarianceAdaptiveSGD"):
-        from . import optim
-
-        return getattr(optim, name)
-    raise AttributeError(f"module 'curvopt' has no attribute {name!r}")
 
 
 __all__ = [

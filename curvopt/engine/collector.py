@@ -21,72 +21,32 @@ How one backward pass is turned into the requested quantities:
 
 from __future__ import annotations
 
-import sys
 import warnings
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
-from torch.nn.utils import parametrize
 
-from .. import losses, rules
+from .. import _dist, losses, rules
 from ..errors import CollectError, UnsupportedLossError
-from ..extensions import (
-    KFRA,
-    BatchGrad,
-    BatchL2Grad,
-    DiagHessian,
-    Extension,
-    SumGradSquared,
-    Variance,
+from ..quantities import KFRA, REGISTRY, DiagHessian, Quantity
+from ..quantities.base import (
+    BackwardContext,
+    Boundary,
+    ParamContext,
+    Record,
+    send_columns,
 )
-from ..quantities import first_order, second_order
+from ..quantities.first_order import release_buffers
+from ..rules.layout import DenseBound, round_off
 from . import distributed
 
+__all__ = ["Collector", "collect", "release_buffers"]
+
 _ACTIVE: weakref.WeakSet = weakref.WeakSet()
-
-
-@dataclass(eq=False)
-class Record:
-    """One call of a hooked module in the forward pass."""
-
-    name: str
-    module: nn.Module
-    rule: rules.Rule
-    args: tuple
-    kwargs: dict
-    output: Tensor
-    edge: object
-    grad: Tensor | None = None
-    done: bool = False
-    columns: dict = field(default_factory=dict)  # kind -> [K, *output.shape]
-    _layouts: dict | None = None
-    order: int = 0
-    in_edge: object = None  # gradient edge of the module's input (KFRA's fast paths)
-
-    @property
-    def shape(self):
-        return tuple(self.output.shape)
-
-    def layouts(self):
-        if self._layouts is None:
-            self._layouts = self.rule.layouts(self.module, self.args, self.kwargs, self.output)
-        return self._layouts
-
-
-@dataclass(eq=False)
-class Boundary:
-    """Output of a parameter-free leaf module: where KFRA averages over the batch."""
-
-    name: str
-    edge: object
-    shape: tuple
-    order: int
-    module: nn.Module = None
-    in_edge: object = None  # gradient edge of the module's input (None: no gradient)
 
 
 def _in_edge(args):
@@ -95,16 +55,13 @@ def _in_edge(args):
 
 
 @dataclass(eq=False)
-class LossRecord:
+class LossCall:
+    """One call of the loss module in the forward pass."""
+
     module: nn.Module
     input: Tensor
     target: Tensor
     output: Tensor
-
-
-def _retire(rec: Record) -> None:
-    """Free a record's tensors and graph node (breaks the record <-> node cycle)."""
-    rec.args, rec.kwargs, rec.columns, rec._layouts, rec.edge, rec.in_edge = (), {}, {}, None, None, None
 
 
 def _weak(obj, method: str, *bound):
@@ -133,8 +90,56 @@ def _first_tensor(out):
     return None
 
 
-def _detach_all(xs):
-    return tuple(x.detach() if torch.is_tensor(x) else x for x in xs)
+def _detach(x, dtype):
+    """A captured input: detached, floating tensors in the statistics' dtype."""
+    if not torch.is_tensor(x):
+        return x
+    x = x.detach()
+    return x.to(dtype) if x.is_floating_point() else x
+
+
+def _detach_all(xs, dtype):
+    return tuple(_detach(x, dtype) for x in xs)
+
+
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    """float32, or the parameters' dtype where it is wider: statistics of a bfloat16 model
+    or of autocast's low-precision activations are computed and summed in float32."""
+    dt = torch.float32
+    for p in module.parameters():
+        if p.is_floating_point():
+            dt = torch.promote_types(dt, p.dtype)
+    return dt
+
+
+def _to_dtype(value, dtype):
+    """A result in the parameter's dtype (computed in float32 or wider)."""
+    if torch.is_tensor(value):
+        return value if value.dtype == dtype else value.to(dtype)
+    if isinstance(value, list) and any(t.dtype != dtype for t in value):
+        return value.like([t.to(dtype) for t in value]) if hasattr(value, "like") else [
+            t.to(dtype) for t in value]
+    return value
+
+
+def _no_autocast(device):
+    """The engine's own arithmetic runs outside autocast (float32 statistics)."""
+    if device is None:
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast(device.type, enabled=False)
+
+
+def _refuse_compiled(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        compiled = getattr(m, "_compiled_call_impl", None) is not None
+        if compiled or type(m).__name__ == "OptimizedModule":
+            where = f"'{name}'" if name else "the model"
+            raise CollectError(
+                f"{where} is compiled (torch.compile): curvopt's hooks capture each layer's "
+                "call in eager mode, which compiled graphs do not run. Give curvopt (and "
+                "run) the uncompiled module, e.g. model._orig_mod for torch.compile(model), "
+                "or compile only parameter-free parts of the model."
+            )
 
 
 class Collector:
@@ -155,21 +160,32 @@ class Collector:
         gather: under ``torch.distributed``, also concatenate ``grad_batch`` and
             ``batch_l2`` over ranks (by default they stay on their rank, rescaled to
             the global loss).
+        loss_scaling: what to do when the loss module's output is multiplied by a
+            factor ``s`` before backward (``d total / d loss = s``): ``"warn"``
+            (default; first-order quantities follow the scaled loss, curvature the loss
+            module), or ``"unscale"`` (every quantity describes the loss module itself:
+            the gradients reaching the layers are divided by ``s``; what
+            ``torch.amp.GradScaler`` needs).  :attr:`loss_scale` holds the last ``s``.
 
     After each backward, :attr:`results` maps parameter names (as in
     ``model.named_parameters()``) to ``{savefield: value}``.
     """
 
     def __init__(self, model: nn.Module, loss_fn=None, extensions=(), set_attributes=True,
-                 distributed="auto", gather=False, single_backward=False):
+                 distributed="auto", gather=False, single_backward=False, loss_scaling="warn"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"collect: model must be an nn.Module, got {type(model).__name__}")
+        if loss_scaling not in ("warn", "unscale"):
+            raise ValueError(f"collect: loss_scaling must be 'warn' or 'unscale', got {loss_scaling!r}")
         self.model = model
         self.loss_fn = loss_fn
         self.set_attributes = set_attributes
         self.distributed = distributed
         self.gather = gather
         self.single_backward = single_backward
+        self.loss_scaling = loss_scaling
+        #: ``d total / d (loss module output)`` of the last backward (1.0 when unscaled).
+        self.loss_scale = 1.0
         #: ``None`` (MC targets from torch's global RNG) or ``device -> torch.Generator``:
         #: a private stream (the optimizers' own, so the user's RNG is never touched).
         self.mc_generator = None
@@ -177,19 +193,21 @@ class Collector:
         #: a quantity named here is computed only for those parameters (an optimizer asks
         #: Kronecker factors for some parameters and diagonals for others).
         self.only: dict | None = None
+        self._loss = None  # curvopt.losses.Loss of loss_fn, once a quantity needs it
+        self._model_batch: int | None = None  # leading dimension of the model's first input
         self._backwards = 0
         self._handles: list = []
         # Records of forward passes not yet reached by a backward.  A record and its graph
         # node reference each other through the output's hook (a cycle through C++ that
-        # Python's GC cannot see), so records are cleared explicitly (`_retire`) when a
-        # backward finishes without reaching them and on detach.
+        # Python's GC cannot see), so records are cleared explicitly (`Record.retire`) when
+        # a backward finishes without reaching them and on detach.
         self._pending: list[Record] = []
         self._boundaries: list[Boundary] = []  # parameter-free module outputs (KFRA only)
         self._grad_was_none: set = set()
         self._normalizer = None  # this rank's mean-reduction denominator (distributed only)
         self._loss_seen = False  # a loss-input hook fired in the running backward
         self._order = 0
-        self._loss_records: list[LossRecord] = []
+        self._loss_calls: list[LossCall] = []
         self._queued = False
         self._nested = False
         # True while curvopt itself re-runs modules (the generic rule's torch.func calls).
@@ -198,6 +216,7 @@ class Collector:
         self._names = {}
         for n, p in model.named_parameters():
             self._names.setdefault(p, n)
+        self._by_name = None
         self.extensions = extensions
 
     # ------------------------------------------------------------------ configuration
@@ -210,7 +229,7 @@ class Collector:
         exts = tuple(exts)
         seen = set()
         for e in exts:
-            if not isinstance(e, Extension) or type(e) is Extension:
+            if not isinstance(e, Quantity) or type(e) not in REGISTRY:
                 raise TypeError(
                     f"collect: {e!r} is not a curvopt extension; use the classes in "
                     "curvopt.extensions, e.g. BatchGrad() or KFAC(mc_samples=1)."
@@ -225,24 +244,12 @@ class Collector:
                     f"{type(second[0]).__name__} needs the loss function: pass it as "
                     "collect(model, loss_fn, ...)."
                 )
-            losses.check_loss(self.loss_fn, type(second[0]).__name__)
+            self._loss = losses.of(self.loss_fn, type(second[0]).__name__)
         self._extensions = exts
-        self._by_type = {type(e): e for e in exts}
-
-    def rank_share(self, n_local: int, n_global: int) -> float:
-        """ρ = f_global / f_local: this rank's share of the global mean normalizer.
-
-        The loss's own denominator (class weights, ignored targets) when the loss module
-        was seen, ``n_local / n_global`` without a loss function, 1 for a sum.
-        """
-        if self.loss_fn is not None and getattr(self.loss_fn, "reduction", "mean") == "sum":
-            return 1.0
-        if self._normalizer is None:
-            return n_local / n_global
-        local = self._normalizer.detach().double().reshape(1).clone()
-        glob = local.clone()
-        torch.distributed.all_reduce(glob)
-        return float(local / glob)
+        # computed in registration order: first-order quantities share work in that order
+        self._ordered = tuple(sorted(exts, key=lambda e: REGISTRY.index(type(e))))
+        self._wants_boundaries = any(isinstance(e, KFRA) for e in exts)
+        self._wants_in_edges = any(isinstance(e, (KFRA, DiagHessian)) for e in exts)
 
     def param_results(self, p: nn.Parameter) -> dict:
         """Results of the last backward for parameter ``p`` (empty if none)."""
@@ -257,34 +264,31 @@ class Collector:
                 "collect: this model already has an active curvopt collector (nested "
                 "collect, or an optimizer of curvopt holding one). Exit the other first."
             )
+        _refuse_compiled(self.model)
+        self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook,
+                                                                  with_kwargs=True))
         covered: list[str] = []  # modules whose whole subtree a generic rule handles
         for name, module in self.model.named_modules():
             if any(c == "" or name.startswith(c + ".") for c in covered):
                 continue
-            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                self._handles.append(module.register_forward_pre_hook(self._bn_check(name)))
-            if parametrize.is_parametrized(module):
-                # weight_norm / spectral_norm: the parameters live in a ParametrizationList
-                # child that is called without arguments; differentiate the module as a whole.
-                rule = rules.fallback.FALLBACK
-                covered.append(name)
-                self._handles.append(
-                    module.register_forward_hook(self._forward_hook(name, rule), with_kwargs=True)
-                )
-                continue
-            if not own:
+            registered = rules.registered(module)
+            if registered is not None and type(registered).check is not rules.Rule.check:
+                # e.g. BatchNorm in train mode: checked before the forward, parameters or not
+                self._handles.append(module.register_forward_pre_hook(
+                    self._call_check(registered, name)))
+            rule = rules.hooked(module)
+            if rule is None:
                 if not any(True for _ in module.children()):
                     # parameter-free leaf (activation, pooling, ...): a KFRA boundary
                     self._handles.append(module.register_forward_hook(self._boundary_hook(name)))
                 continue
-            rule = rules.lookup(module)
             if getattr(rule, "covers_subtree", False):
                 covered.append(name)
             self._handles.append(
                 module.register_forward_hook(self._forward_hook(name, rule), with_kwargs=True)
             )
         if isinstance(self.loss_fn, nn.Module):
+            self._handles.append(self.loss_fn.register_forward_pre_hook(self._loss_pre_hook))
             self._handles.append(self.loss_fn.register_forward_hook(self._loss_hook))
         _ACTIVE.add(self.model)
         return self
@@ -293,14 +297,27 @@ class Collector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._reset()
+        _ACTIVE.discard(self.model)
+
+    def _reset(self) -> None:
+        """Forget every forward pass and backward in flight (after an exception, on detach)."""
         for r in self._pending:
-            _retire(r)
-        for lrec in self._loss_records:
-            lrec.input = lrec.output = None
+            r.retire()
+        for lc in self._loss_calls:
+            lc.input = lc.output = None
         self._pending.clear()
         self._boundaries.clear()
-        self._loss_records.clear()
-        _ACTIVE.discard(self.model)
+        self._loss_calls.clear()
+        self._loss_seen = self._queued = self._nested = self._computing = False
+        self._loss_arg = None
+
+    def _recover(self) -> None:
+        """A forward pass starts: if the last backward was aborted (an exception or an
+        interrupt inside backward: its end-of-backward callback never ran), forget its
+        state, so that the next iteration works as if it had never started."""
+        if (self._queued or self._loss_seen) and torch._C._current_graph_task_id() == -1:
+            self._reset()
 
     def __enter__(self):
         return self.attach()
@@ -310,22 +327,36 @@ class Collector:
         return False
 
     # ----------------------------------------------------------------------------- hooks
-    def _bn_check(self, name):
+    def _call_check(self, rule, name):
         def hook(module, args):
             if self._extensions and torch.is_grad_enabled():
-                rules.norm.BatchNormRule().check(module, name)
+                rule.check(module, name)
 
         return hook
 
+    def _model_pre_hook(self, module, args, kwargs):
+        # The model's batch size: the leading dimension of its first tensor input.
+        if self._extensions and torch.is_grad_enabled() and not self._computing:
+            x = next((a for a in (*args, *kwargs.values()) if torch.is_tensor(a) and a.dim()), None)
+            self._model_batch = int(x.shape[0]) if x is not None else None
+
+    def _rows_per_sample(self, o: Tensor) -> int:
+        """Loss rows per model sample: ``T`` when the loss sees ``[N·T, ...]`` rows of ``N``
+        samples (sample-major, as ``logits.reshape(-1, V)``), else 1."""
+        N = self._model_batch
+        if N and o.shape[0] != N and o.shape[0] % N == 0:
+            return o.shape[0] // N
+        return 1
+
     def _boundary_hook(self, name):
         def hook(module, args, output):  # noqa: D401 - forward hook
-            if KFRA not in self._by_type or not torch.is_grad_enabled() or self._computing:
+            if not self._wants_boundaries or not torch.is_grad_enabled() or self._computing:
                 return
             if torch.is_tensor(output) and output.requires_grad:
                 self._order += 1
                 self._boundaries.append(
                     Boundary(name, get_gradient_edge(output), tuple(output.shape), self._order,
-                             module, _in_edge(args))
+                             module, _in_edge(args), output.dtype)
                 )
 
         return hook
@@ -337,15 +368,15 @@ class Collector:
             out = _first_tensor(output)
             if out is None or not out.requires_grad:
                 return
-            rec = Record(
-                name=name, module=module, rule=rule, args=_detach_all(args),
-                kwargs={k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()},
-                output=out.detach(), edge=get_gradient_edge(out),
-                in_edge=_in_edge(args) if (KFRA in self._by_type
-                                           or DiagHessian in self._by_type) else None,
-            )
+            self._recover()
             self._order += 1
-            rec.order = self._order
+            dt = _compute_dtype(module)
+            rec = Record(
+                name=name, module=module, rule=rule, args=_detach_all(args, dt),
+                kwargs={k: _detach(v, dt) for k, v in kwargs.items()},
+                output=out.detach(), edge=get_gradient_edge(out), order=self._order,
+                in_edge=_in_edge(args) if self._wants_in_edges else None, dtype=dt,
+            )
             # Parameters without a gradient now will hold exactly this backward's gradient:
             # Variance reuses it, and _check_coverage compares it with the recorded uses.
             for p in rec.module.parameters():
@@ -379,7 +410,7 @@ class Collector:
                 "results of the first would be overwritten. Use one collect block per "
                 "forward+backward, or a long-lived curvopt.Collector for a training loop."
             )
-        rec.grad = g.detach()
+        rec.grad = g.detach().to(rec.dtype)
         self._queue()
 
     def _queue(self):
@@ -387,43 +418,75 @@ class Collector:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
 
+    def _loss_pre_hook(self, module, args):
+        # Each loss call gets its own alias of the model output, so that the hooks of a
+        # call whose result is not backpropagated (a loss computed for logging) never fire.
+        self._loss_arg = None
+        if not self._extensions or not torch.is_grad_enabled() or self._computing:
+            return None
+        o = args[0] if args else None
+        if not (torch.is_tensor(o) and o.requires_grad) or not self._pending:
+            return None
+        alias = o.view_as(o)
+        self._loss_arg = (alias, o)
+        return (alias, *args[1:])
+
     def _loss_hook(self, module, args, output):
         if not self._extensions or not torch.is_grad_enabled() or self._computing:
             return
-        o = args[0]
-        if not (torch.is_tensor(o) and o.requires_grad):
+        alias = args[0] if args else None
+        if self._loss_arg is None or self._loss_arg[0] is not alias:
+            # The pre-hook did not alias this call: the loss module is shared with another
+            # model (or collector) that ran no hooked forward since the last backward.
             return
-        if not self._pending:
-            # This model ran no hooked forward since the last backward: the loss module is
-            # shared with another model (or collector), and this call is not ours.
-            return
-        lrec = LossRecord(module, o, args[1].detach() if len(args) > 1 else None, output)
-        self._loss_records.append(lrec)
-        if distributed.active() and getattr(module, "reduction", "") == "mean" and lrec.target is not None:
-            self._normalizer = losses.mean_normalizer(module, o, lrec.target)
+        o = self._loss_arg[1]
+        self._loss_arg = None
+        self._recover()
+        min_dim = self._loss.min_dim if self._loss is not None else 1
+        if o.dim() < min_dim or o.shape[0] == 0:
+            raise CollectError(
+                f"the loss input has shape {tuple(o.shape)}: curvopt needs a batch with at "
+                "least one sample along dimension 0 (unbatched inputs: add one with "
+                "x.unsqueeze(0); skip empty batches in the loop)."
+            )
+        lc = LossCall(module, o, args[1].detach() if len(args) > 1 else None, output)
+        self._loss_calls.append(lc)
+        if _dist.active() and lc.target is not None and getattr(module, "reduction", "") == "mean":
+            try:
+                self._normalizer = losses.of(module).normalizer(o, lc.target)
+            except UnsupportedLossError:  # first order only: the batch share is the sample share
+                self._normalizer = None
+        self.loss_scale = 1.0
         if output.requires_grad:
             output.register_hook(_weak(self, "_loss_output_hook"))
-        o.register_hook(_weak(self, "_loss_input_hook", lrec))
+        alias.register_hook(_weak(self, "_loss_input_hook", lc))
 
     def _loss_output_hook(self, g):
-        if self._nested:
+        if self._nested or g.numel() != 1:
             return
-        if g.numel() == 1 and not torch.allclose(g, torch.ones_like(g)):
+        self.loss_scale = float(g)
+        if self.loss_scaling == "warn" and self.loss_scale != 1.0:
             warnings.warn(
                 f"curvopt: the loss was scaled after the loss module (d total / d loss = "
-                f"{g.item():.4g}). First-order quantities follow the scaled loss, curvature "
-                "quantities follow the loss module as it is; apply scaling inside the loss "
-                "module (e.g. reduction='sum') to keep them consistent.",
+                f"{self.loss_scale:.4g}). First-order quantities follow the scaled loss, "
+                "curvature quantities follow the loss module as it is; apply scaling inside "
+                "the loss module (e.g. reduction='sum') to keep them consistent, or use "
+                "loss_scaling='unscale'.",
                 stacklevel=2,
             )
 
-    def _loss_input_hook(self, lrec: LossRecord, g: Tensor):
+    def _unscale(self, g: Tensor) -> Tensor:
+        if self.loss_scaling == "unscale" and self.loss_scale != 1.0:
+            return g / self.loss_scale
+        return g
+
+    def _loss_input_hook(self, lc: LossCall, g: Tensor):
         if self._nested:
             return
         self._queue()
         if not any(e.needs_loss for e in self._extensions):
             return
-        if lrec.input is None:
+        if lc.input is None:
             raise CollectError(
                 "backward reached a loss call of a forward pass that an earlier backward "
                 "retired. Run each forward's backward before the next forward's backward."
@@ -438,14 +501,37 @@ class Collector:
         recs = [r for r in self._pending if not r.done]
         if not recs:
             return
+        if not bool(torch.isfinite(lc.input).all()):
+            raise CollectError(
+                "the model output entering the loss contains NaN or inf, so its curvature "
+                "is undefined (no quantity of this backward pass is computed). Check the "
+                "inputs for non-finite values and the learning rate; curvopt's optimizers "
+                "skip such steps by themselves."
+            )
+        ctx = BackwardContext(
+            loss=self._loss, output=lc.input, target=lc.target, grad_output=self._unscale(g),
+            records=recs, boundaries=self._boundaries, requests=self._extensions,
+            mc_generator=self.mc_generator, rows_per_sample=self._rows_per_sample(lc.input),
+            global_batch=(lambda: self._global_batch(lc.input.shape[0], lc.input.device))
+            if self._dist_on() else None,
+        )
         self._nested = True
         try:
-            second_order.propagate(self, lrec, recs, g)
+            with _no_autocast(lc.input.device):
+                send_columns(ctx)
         finally:
             self._nested = False
 
     # -------------------------------------------------------------------------- finalize
+    def _dist_on(self) -> bool:
+        return self.distributed == "auto" and _dist.active()
+
+    def _global_batch(self, n_local: int, device) -> distributed.GlobalBatch:
+        summed = self.loss_fn is not None and getattr(self.loss_fn, "reduction", "mean") == "sum"
+        return distributed.GlobalBatch.of(n_local, device, self._normalizer, summed)
+
     def _finalize(self):
+        loss_seen = self._loss_seen
         self._queued = False
         self._loss_seen = False
         self._backwards += 1
@@ -454,14 +540,33 @@ class Collector:
         # are retired: their graphs are freed, and a later backward through one raises.
         for r in self._pending:
             if r.grad is None:
-                _retire(r)
+                r.retire()
         self._pending = []
-        for lrec in self._loss_records:
-            lrec.input = lrec.output = None
+        for lc in self._loss_calls:
+            lc.input = lc.output = None
         self._boundaries = []
-        self._loss_records.clear()
+        self._loss_calls.clear()
         for r in recs:
             r.done = True
+            r.grad = self._unscale(r.grad)
+        if recs and not loss_seen and any(e.needs_loss for e in self._extensions):
+            for r in recs:
+                r.retire()
+            raise CollectError(
+                "this backward pass reached the model without passing through the loss "
+                f"module given to curvopt ({type(self.loss_fn).__name__} object at "
+                f"{id(self.loss_fn):#x}), so curvature quantities have no loss Hessian: call "
+                "that very loss module in the loop (not F.cross_entropy or a second "
+                "instance), as loss = loss_fn(model(X), y)."
+            )
+        empty = [r.name for r in recs if r.output.numel() == 0]
+        if empty:
+            for r in recs:
+                r.retire()
+            raise CollectError(
+                f"layer(s) {', '.join(empty)} received an empty batch; skip empty batches "
+                "in the loop (there is nothing to compute per sample)."
+            )
         bad = [r.name for r in recs if not torch.isfinite(r.grad).all()]
         if bad:
             # Checked on the (small) layer-output gradients, not on the (large) results.
@@ -473,68 +578,66 @@ class Collector:
                 stacklevel=2,
             )
         # Drop our reference to the previous results before computing: a user who kept
-        # that dict keeps its tensors from being recycled (see _reusable).
+        # that dict keeps its tensors from being recycled (see first_order._reusable).
         self.results = {}
         self._computing = True
         try:
-            self.results = compute(self, recs)
+            with _no_autocast(recs[0].output.device if recs else None):
+                self.results = self._compute(recs)
         finally:
             self._computing = False
+            self._grad_was_none = set()
+            for r in recs:  # free captured tensors and the graph node
+                r.retire()
         if self.set_attributes:
             for name, res in self.results.items():
                 p = self._param_by_name(name)
                 for k, v in res.items():
                     setattr(p, k, v)
-        self._grad_was_none = set()
-        for r in recs:  # free captured tensors and the graph node
-            _retire(r)
 
     def _param_by_name(self, name):
-        if not hasattr(self, "_by_name"):
+        if self._by_name is None:
             self._by_name = dict(self.model.named_parameters())
         return self._by_name[name]
 
+    def _requests_for(self, p) -> tuple:
+        if self.only is None:
+            return self._ordered
+        return tuple(e for e in self._ordered if e.savefield not in self.only
+                     or any(q is p for q in self.only[e.savefield]))
 
-FIRST = {BatchGrad: "grad_batch", SumGradSquared: "sum_grad_squared", Variance: "variance",
-         BatchL2Grad: "batch_l2"}
-
-
-def compute(col: Collector, recs: list[Record]) -> dict[str, dict]:
-    """Group records by parameter and evaluate every requested quantity."""
-    per_param: dict[nn.Parameter, list] = {}
-    for r in recs:
-        for lay in r.layouts().values():
-            per_param.setdefault(lay.param, []).append((r, lay))
-    wanted_first = {FIRST[t] for t in col._by_type if t in FIRST}
-    dist_on = col.distributed == "auto" and distributed.active()
-    totals = {} if dist_on else None
-    out: dict[str, dict] = {}
-    for p, items in per_param.items():
-        name = col._names.get(p)
-        if name is None:
-            continue
-        res = {}
-        if wanted_first:
-            reuse = _reusable(col, name, p, items) if "grad_batch" in wanted_first else None
-            fresh = not dist_on and id(p) in col._grad_was_none and p.grad is not None
-            grad = p.grad if fresh and "variance" in wanted_first else None
-            res.update(first_order.compute(items, wanted_first, totals, name, reuse, grad))
-            gb = res.get("grad_batch")
-            if gb is not None and gb._base is None:
-                _cache_put(p, gb)
-        res.update(second_order.compute(col, items))
-        if not dist_on and id(p) in col._grad_was_none and p.grad is not None:
-            _check_coverage(name, p, items)
-        out[name] = res
-    if dist_on and recs:
-        n_local = next(iter(recs[0].layouts().values())).N
-        n_global = distributed.global_batch(n_local, recs[0].output.device)
-        rho = col.rank_share(n_local, n_global)
-        distributed.reduce_results(out, totals, n_local, rho, n_global, gather=col.gather)
-    return out
+    def _compute(self, recs: list[Record]) -> dict[str, dict]:
+        """Group records by parameter and evaluate every requested quantity."""
+        per_param: dict[nn.Parameter, list] = {}
+        for r in recs:
+            for lay in r.layouts().values():
+                per_param.setdefault(lay.param, []).append((r, lay))
+        dist_on = self._dist_on()
+        out: dict[str, dict] = {}
+        jobs = []  # (name, quantity, context) for the distributed reduction
+        for p, items in per_param.items():
+            name = self._names.get(p)
+            if name is None:
+                continue
+            fresh = not dist_on and id(p) in self._grad_was_none and p.grad is not None
+            ctx = ParamContext(p, name, items, fresh_grad=self._unscale(p.grad) if fresh else None)
+            res = {}
+            for q in self._requests_for(p):
+                value = _to_dtype(q.compute(ctx), p.dtype)
+                if value is not None:
+                    res[q.savefield] = value
+                    jobs.append((name, q, ctx))
+            if fresh:
+                _check_coverage(ctx)
+            out[name] = res
+        if dist_on and recs:
+            n_local = next(iter(recs[0].layouts().values())).N
+            gb = self._global_batch(n_local, recs[0].output.device)
+            distributed.reduce_results(out, jobs, gb, self.gather)
+        return out
 
 
-def _check_coverage(name: str, p: nn.Parameter, items) -> None:
+def _check_coverage(ctx: ParamContext) -> None:
     """Warn if ``p.grad`` is not the sum of the recorded uses' per-sample gradients.
 
     That happens when a weight is also used outside its module (``F.linear(h,
@@ -542,25 +645,24 @@ def _check_coverage(name: str, p: nn.Parameter, items) -> None:
     would silently describe only the recorded uses.  Cheap: a random projection for
     dense layers, the (small) total otherwise.
     """
-    from ..rules.layout import DenseBound, concat
-
-    bounds = concat([lay.bind(r.grad.unsqueeze(0)) for r, lay in items])
+    bounds = ctx.grad_bounds()
+    grad = ctx.fresh_grad
     if len(bounds) != 1:
         return
     b = bounds[0]
     if isinstance(b, DenseBound):
-        if b.X.shape[2] != 1 or b.layout.transposed or b.matches_total(p.grad):
+        if b.X.shape[2] != 1 or b.layout.transposed or b.matches_total(grad):
             return
     else:
-        total = b.total()
-        tol = 1e-4 if total.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+        total = b.total().to(grad.dtype)
+        tol = round_off(grad.dtype)
         scale = float(total.abs().max()) if total.numel() else 0.0
-        if scale == scale and torch.allclose(total, p.grad, rtol=tol, atol=tol * scale + 1e-30):
+        if scale == scale and torch.allclose(total, grad, rtol=tol, atol=tol * scale + 1e-30):
             return
-    if not torch.isfinite(p.grad).all():
+    if not torch.isfinite(grad).all():
         return  # already reported by the non-finite gradient warning
     warnings.warn(
-        f"curvopt: the gradient of '{name}' differs from the sum over its recorded module "
+        f"curvopt: the gradient of '{ctx.name}' differs from the sum over its recorded module "
         "calls: the parameter is also used outside its module (e.g. a tied weight used via "
         "F.linear) or a gradient hook changed it. Its per-sample and curvature quantities "
         "cover only the recorded calls; route every use through the module.",
@@ -569,58 +671,8 @@ def _check_coverage(name: str, p: nn.Parameter, items) -> None:
     )
 
 
-#: The last ``grad_batch`` tensor handed out for each parameter (dropped with the
-#: parameter).  Writing ``N × params`` floats into fresh memory costs more in page faults
-#: than in arithmetic (measured 4x on the 784-256-256-10 MLP), so the memory is
-#: recycled whenever nobody but curvopt still references the old tensor.
-#: Keyed by ``id(param)``; a weak reference to the parameter removes the entry with it
-#: (tensors cannot be WeakKeyDictionary keys: their ``==`` is elementwise).
-_GRAD_BATCH_CACHE: dict[int, tuple] = {}
-
-
-def release_buffers() -> None:
-    """Free the per-sample gradient buffers curvopt keeps for reuse."""
-    _GRAD_BATCH_CACHE.clear()
-
-
-def _cache_get(p):
-    entry = _GRAD_BATCH_CACHE.get(id(p))
-    return entry[1] if entry is not None and entry[0]() is p else None
-
-
-def _cache_put(p, t):
-    key = id(p)
-    ref = weakref.ref(p, lambda _r, key=key: _GRAD_BATCH_CACHE.pop(key, None))
-    _GRAD_BATCH_CACHE[key] = (ref, t)
-
-
-def _reusable(col: Collector, name: str, p: nn.Parameter, items) -> Tensor | None:
-    """Last backward's ``grad_batch`` of ``p`` if only curvopt still references it.
-
-    Known references: the cache and the attribute on ``p`` (when it holds the same
-    tensor), plus the two of this check itself.  Any other Python reference (the
-    user kept the tensor, or a results dict holding it) or any other tensor on the
-    same storage (``.detach()``, ``.data``, ``.numpy()``, views) means a fresh tensor.
-    """
-    cand = _cache_get(p)
-    if cand is None or not hasattr(torch._C, "_storage_Use_Count"):
-        return None
-    known = 3  # cache entry + local variable + getrefcount's argument
-    known += p.__dict__.get("grad_batch") is cand
-    N = items[0][1].N
-    if (cand.shape != (N, *p.shape) or cand.dtype != p.dtype or cand.device != p.device
-            or cand._base is not None or not cand.is_contiguous()):
-        return None
-    if sys.getrefcount(cand) != known:
-        return None
-    # 2 = this tensor + the temporary storage wrapper of the query
-    if torch._C._storage_Use_Count(cand.untyped_storage()._cdata) != 2:
-        return None
-    return cand
-
-
 @contextmanager
-def collect(model: nn.Module, loss_fn=None, *extensions: Extension, set_attributes: bool = True,
+def collect(model: nn.Module, loss_fn=None, *extensions: Quantity, set_attributes: bool = True,
             distributed="auto", gather: bool = False):
     """Compute ``extensions`` during the backward passes inside the ``with`` block.
 
@@ -635,7 +687,7 @@ def collect(model: nn.Module, loss_fn=None, *extensions: Extension, set_attribut
     (use a :class:`Collector` for a loop).  ``loss_fn`` may be ``None`` when only first-order quantities are
     requested.  Yields the :class:`Collector` (``.results`` keyed by parameter name).
     """
-    if isinstance(loss_fn, Extension):
+    if isinstance(loss_fn, Quantity):
         extensions = (loss_fn, *extensions)
         loss_fn = None
     col = Collector(model, loss_fn, extensions, set_attributes=set_attributes,

@@ -31,12 +31,16 @@ parameters lie below them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.graph import GradientEdge
 
 from ..errors import UnsupportedModuleError
-from .second_order import diagonal, send_back
+from ._backprop import diagonal, send_back
+from .base import EXACT, RESIDUALS, Quantity, sender
+from .diag_ggn import exact_diagonal
 
 #: Residual columns are one backward pass per element of a sample's activation.
 MAX_RESIDUAL_ELEMENTS = 8192
@@ -78,6 +82,15 @@ def _pow(node, x):
     return e * (e - 1) * x ** (e - 2)
 
 
+def _hardswish(node, x):  # x·relu6(x+3)/6: quadratic x(x+3)/6 on (-3, 3), linear outside
+    return ((x > -3) & (x < 3)).to(x.dtype) / 3
+
+
+def _mish(node, x):  # x·tanh(softplus(x)); t' = (1-t²)σ
+    s, t = torch.sigmoid(x), torch.tanh(F.softplus(x))
+    return (1 - t * t) * s * (2 + x * (1 - s - 2 * t * s))
+
+
 #: node name -> (saved tensor attribute, φ'' from it)
 SMOOTH = {
     "SigmoidBackward0": ("_saved_result", lambda n, s: _sig2(s)),
@@ -91,9 +104,12 @@ SMOOTH = {
     "ExpBackward0": ("_saved_result", lambda n, y: y),
     "LogBackward0": ("_saved_self", lambda n, x: -1 / (x * x)),
     "PowBackward0": ("_saved_self", _pow),
+    "HardswishBackward0": ("_saved_self", _hardswish),
+    "MishBackward0": ("_saved_self", _mish),
 }
 
-#: Linear or piecewise-linear in every input that carries a gradient.
+#: Linear or piecewise-linear in every input that carries a gradient (ReLU6 and Hardtanh
+#: are HardtanhBackward0; Hardsigmoid is relu6(x+3)/6).
 LINEAR = {
     "AddmmBackward0", "MmBackward0", "MvBackward0", "BmmBackward0", "AddBackward0",
     "SubBackward0", "NegBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
@@ -115,7 +131,7 @@ LINEAR = {
     "FlipBackward0", "RollBackward0", "IndexSelectBackward0", "GatherBackward0",
     "PixelShuffleBackward0", "UpsampleNearest2DBackward0", "CopySlices", "ToCopyBackward0",
     "ViewAsRealBackward0", "MaxBackward0", "MaxBackward1", "MinBackward1", "AmaxBackward0",
-    "ConvolutionBackwardBackward0", "LinearBackward0",
+    "ConvolutionBackwardBackward0", "LinearBackward0", "HardsigmoidBackward0",
 }
 #: nodes that are bilinear: nonlinear (and non-elementwise) when two inputs carry a gradient
 BILINEAR = {"MulBackward0", "DivBackward0", "BmmBackward0", "MmBackward0", "MvBackward0",
@@ -196,9 +212,18 @@ def find_smooth(root, skip=()):
     return smooth
 
 
-def propagate(col, lrec, recs, g_out):
-    """Residual columns ``rec.columns['res<i>']`` and weights ``'res<i>:w'``."""
-    o = lrec.input
+def _store_residual(k, weights):
+    def store(r, cols):
+        r.columns.residuals[k] = (cols, weights)
+
+    return store
+
+
+@sender("residuals")
+def propagate(ctx, kinds):
+    """Residual columns and signed weights of every smooth operation above each record
+    (``record.columns.residuals``), or closed-form diagonal residuals (``diag_residual``)."""
+    o, recs = ctx.output, ctx.records
     if o.grad_fn is None:
         return
     skip = {o.grad_fn} if type(o.grad_fn).__name__ == "LogSoftmaxBackward0" else set()
@@ -207,11 +232,12 @@ def propagate(col, lrec, recs, g_out):
         return
     # Gradient arriving at each smooth node's output, in one nested pass.
     outs = torch.autograd.grad(
-        o, [GradientEdge(n, 0) for n in nodes], g_out, retain_graph=True, allow_unused=True
+        o, [GradientEdge(n, 0) for n in nodes], ctx.grad_output, retain_graph=True,
+        allow_unused=True,
     )
     by_edge = {r.edge: r for r in recs}
 
-    k = 0
+    k = 0  # one key per residual column batch, the same at every record it reaches
     for node, gb in zip(nodes, outs):
         if gb is None:
             continue
@@ -220,11 +246,13 @@ def propagate(col, lrec, recs, g_out):
         below = [r for r in recs if r.edge.node in _nodes_below(src.node)]
         if name in NORMS:
             r_m, cols, w = _norm_residual(node, gb.detach())
-            send_back(src, below, cols, f"res{k}", w)
+            send_back(src, below, cols, _store_residual(k, w))
             k += 1
         else:
             attr, d2 = SMOOTH[name]
             r_m = d2(node, getattr(node, attr).detach()) * gb  # [N, *a]
+        edge_dtype = gb.dtype  # columns sent from the node's input match its dtype
+        r_m = r_m.to(torch.promote_types(r_m.dtype, torch.float32))
         # The diagonal part Σ_k r_k (∂a_k/∂θ)²: closed forms where the Jacobian from the
         # activation input to a layer output has one term per entry, columns elsewhere.
         handled = _diagonal_fast_paths(src, r_m, by_edge)
@@ -239,9 +267,9 @@ def propagate(col, lrec, recs, g_out):
                 f"needs {D} backward passes (limit {MAX_RESIDUAL_ELEMENTS}). Use DiagGGNExact, "
                 "or a piecewise-linear activation."
             )
-        eye = torch.eye(D, dtype=r_m.dtype, device=r_m.device)
+        eye = torch.eye(D, dtype=edge_dtype, device=r_m.device)
         E = eye.reshape(D, 1, *r_m.shape[1:]).expand(D, *r_m.shape)
-        send_back(src, rest, E, f"res{k}", r_m.reshape(N, D).T.contiguous())
+        send_back(src, rest, E, _store_residual(k, r_m.reshape(N, D).T.contiguous()))
         k += 1
 
 
@@ -252,11 +280,6 @@ _ELEMENTWISE_NODES = set(SMOOTH) | {"ReluBackward0", "LeakyReluBackward0", "Thre
 
 def _diag_ok(rec) -> bool:
     return all(hasattr(lay, "diag_weighted") for lay in rec.layouts().values())
-
-
-def _add_diag(rec, w):
-    prev = rec.columns.get("diagres")
-    rec.columns["diagres"] = w if prev is None else prev + w
 
 
 def _diagonal_fast_paths(src, r, by_edge) -> set:
@@ -271,10 +294,10 @@ def _diagonal_fast_paths(src, r, by_edge) -> set:
     rec = by_edge.get(src)
     if rec is None or not _diag_ok(rec):
         return handled
-    _add_diag(rec, r)
+    rec.columns.add_diag_residual(r)
     handled.add(rec)
     e = rec.in_edge
-    if not _is_plain_linear(rec.module) or e is None:
+    if not rec.rule.transports_diagonal or e is None:
         return handled
     if type(e.node).__name__ not in _ELEMENTWISE_NODES or not e.node.next_functions:
         return handled
@@ -282,22 +305,16 @@ def _diagonal_fast_paths(src, r, by_edge) -> set:
     # Exact only if every parameter entry below feeds a single input feature of the
     # Linear above within a row: true for a Linear below, not for a convolution or a
     # norm whose parameters are shared across the positions that Linear mixes.
-    if below is None or not _diag_ok(below) or not _is_plain_linear(below.module):
+    if below is None or not _diag_ok(below) or not below.rule.transports_diagonal:
         return handled
-    ones = torch.ones(below.output.shape, dtype=r.dtype, device=r.device)
     # φ' at the lower layer's output: one backward through the elementwise node alone
-    (d,) = torch.autograd.grad(e, below.edge, ones.new_ones(rec.args[0].shape), retain_graph=True)
+    (d,) = torch.autograd.grad(e, below.edge, torch.ones(rec.args[0].shape, dtype=below.output.dtype,
+                                                         device=r.device), retain_graph=True)
+    d = d.to(r.dtype)
     W2 = rec.module.weight.detach().to(r.dtype).pow(2)
-    _add_diag(below, (r @ W2) * d.pow(2))
+    below.columns.add_diag_residual((r @ W2) * d.pow(2))
     handled.add(below)
     return handled
-
-
-def _is_plain_linear(module) -> bool:
-    from ..rules import lookup
-    from ..rules.linear import LinearRule
-
-    return isinstance(lookup(module), LinearRule)
 
 
 def _nodes_below(root) -> set:
@@ -368,13 +385,34 @@ def _norm_residual(node, g):
     return r_diag, cols, w
 
 
-def residual_diagonal(items):
-    p = items[0][1].param
-    out = torch.zeros_like(p)
-    for r, lay in items:
-        if "diagres" in r.columns:
-            out = out + lay.diag_weighted(r.columns["diagres"])
-    kinds = {k for r, _ in items for k in r.columns if k.startswith("res") and ":" not in k}
-    for kind in sorted(kinds):
-        out = out + diagonal(items, kind, weights=True)
+def residual_diagonal(ctx):
+    """:math:`\\sum_m \\operatorname{diag}(J_m^\\top \\operatorname{diag}(r_m) J_m)` of one parameter."""
+    out = torch.zeros_like(ctx.param)
+    for r, lay in ctx.items:
+        if r.columns.diag_residual is not None:
+            out = out + lay.diag_weighted(r.columns.diag_residual)
+    for k in sorted({k for r, _ in ctx.items for k in r.columns.residuals}):
+        out = out + diagonal(
+            ctx, lambda c, k=k: c.residuals[k][0] if k in c.residuals else None,
+            weights=lambda c, k=k: c.residuals[k][1])
     return out
+
+
+@dataclass(frozen=True)
+class DiagHessian(Quantity):
+    """Exact diagonal of the Hessian of the loss, ``diag_h`` (``p.shape``).
+
+    The GGN diagonal plus the residual terms of every smooth elementwise
+    activation above the parameter,
+    :math:`\\sum_m \\operatorname{diag}(J_m^\\top \\operatorname{diag}(\\phi_m''(a_m) \\odot \\partial\\mathcal L/\\partial \\phi_m) J_m)`.
+    Piecewise-linear activations (ReLU, LeakyReLU, max pooling) add nothing.
+    """
+
+    savefield = "diag_h"
+    needs_loss = True
+
+    def columns(self):
+        return {EXACT, RESIDUALS}
+
+    def compute(self, ctx):
+        return exact_diagonal(ctx) + residual_diagonal(ctx)

@@ -28,20 +28,16 @@ requested quantities are unaffected.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from .. import losses
-from ..engine import distributed
-from ..engine.distributed import Factors
 from ..errors import UnsupportedModuleError
-from ..rules import lookup
+from ..factors import BATCH, Factors
+from ..rules import activations
 from ..rules.layout import Dense, DenseBound, Elementwise
-from ..rules.linear import LinearRule
-from .second_order import grads, kronecker
-
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+from ._backprop import grads, kronecker, sync_factors
+from .base import KFRA_H, Quantity, sender
 
 #: KFRA stops (with a warning) above a layer whose dense H̄ is larger than this per side ...
 MAX_KFRA_DIM = 8192
@@ -58,33 +54,41 @@ def _sqrt_psd(H: torch.Tensor) -> torch.Tensor:
     return (Q[:, keep] * lam[keep].sqrt()).to(H.dtype)
 
 
-def propagate(col, lrec, recs, g_out):
-    o = lrec.input
+@sender("kfra")
+def propagate(ctx, kinds):
+    """H̄ at every recorded layer output (``record.columns.kfra_H``), top to bottom."""
+    o, recs = ctx.output, ctx.records
     N = o.shape[0]
+    if ctx.rows_per_sample != 1:
+        raise UnsupportedModuleError(
+            f"KFRA: the loss sees {N} rows for {N // ctx.rows_per_sample} model samples "
+            "(logits reshaped to [N*T, C]); its per-sample output Hessian recursion is "
+            "defined on the model's own output shape. Apply the loss to [N, C, T] logits "
+            "(logits.transpose(1, 2)), or use KFLR/KFAC."
+        )
     if len({id(r.module) for r in recs}) != len(recs):
         raise UnsupportedModuleError(
             "KFRA: a layer is applied more than once in the forward pass; its recursion "
             "(one output Hessian per layer) is not defined. Use KFLR or KFAC."
         )
     # Every module output in forward order: parameterized records and parameter-free leaves.
-    stops = sorted([*recs, *col._boundaries], key=lambda b: b.order)
+    stops = sorted([*recs, *ctx.boundaries], key=lambda b: b.order)
     edges = [b.edge for b in stops]
-    true = torch.autograd.grad(o, edges, g_out, retain_graph=True, allow_unused=True)
-    H = losses.mean_hessian(col.loss_fn, o, lrec.target)
-    dist_on = distributed.active()
-    if dist_on:  # KFRA's recursion needs the global batch's H̄ at every step
-        n_glob = distributed.global_batch(N, H.device)
-        rho = col.rank_share(N, n_glob)
-        H = H * rho
-        torch.distributed.all_reduce(H)
-    src, src_grad, src_name, src_shape, src_stop = o, g_out, "the loss input", tuple(o.shape), None
+    true = torch.autograd.grad(o, edges, ctx.grad_output, retain_graph=True, allow_unused=True)
+    H = ctx.loss.mean_hessian(o, ctx.target)
+    gb = ctx.global_batch() if ctx.global_batch is not None else None
+    if gb is not None:  # KFRA's recursion needs the global batch's H̄ at every step
+        H = gb.loss_sum_(H)
+    src, src_grad, src_name, src_shape, src_stop = o, ctx.grad_output, "the loss input", tuple(o.shape), None
+    src_dtype = o.dtype
     for i in reversed(range(len(stops))):
         b, g_true = stops[i], true[i]
         if g_true is None:
             continue
         D = int(torch.tensor(b.shape[1:]).prod()) if len(b.shape) > 1 else 1
         rank = H.shape[0]  # upper bound of the number of columns sent back
-        cost = 0 if _fast(src_stop, b) else rank * N * D * D
+        closed = _closed_step(src_stop, b, H, src, src_shape, src_dtype, N)
+        cost = 0 if closed is not None else rank * N * D * D
         if D > MAX_KFRA_DIM or cost > MAX_KFRA_FLOPS:
             skipped = [x.name for x in recs if x.order <= b.order]
             warnings.warn(
@@ -97,98 +101,99 @@ def propagate(col, lrec, recs, g_out):
                 stacklevel=2,
             )
             return
-        (g_pass,) = torch.autograd.grad(src, b.edge, src_grad, retain_graph=True)
-        if not torch.allclose(g_pass, g_true, rtol=1e-5, atol=1e-8 * g_true.abs().max().item()):
+        (g_pass,) = torch.autograd.grad(src, b.edge, src_grad, retain_graph=True, allow_unused=True)
+        if g_pass is None or not torch.allclose(
+                g_pass, g_true, rtol=1e-5, atol=1e-8 * g_true.abs().max().item()):
             raise UnsupportedModuleError(
                 f"KFRA: the loss depends on the output of '{b.name}' through paths that "
                 f"avoid {src_name} (a residual connection or a branch), so KFRA's module-by-"
                 "module recursion is not defined on this graph. Use KFLR or KFAC."
             )
-        H = _step(src_stop, b, H, src, src_shape, N)
-        if dist_on:
-            H = distributed.allreduce_mean_(H, N, n_glob)
+        H = closed if closed is not None else _columns_step(b, H, src, src_shape, src_dtype, N)
+        if gb is not None:
+            H = gb.mean_(H)
         if hasattr(b, "columns"):  # a parameterized layer: G is read off H̄ at its output
-            b.columns["kfra_H"] = H
+            b.columns.kfra_H = H
         src, src_grad, src_name, src_shape, src_stop = b.edge, g_true, f"'{b.name}'", b.shape, b
+        src_dtype = b.output.dtype if hasattr(b, "output") else b.dtype
 
 
-#: parameter-free modules whose Jacobian is diagonal (elementwise), and shape-only modules
-_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
-                nn.SiLU, nn.Softplus, nn.LogSigmoid, nn.Hardtanh, nn.ReLU6, nn.Mish, nn.Hardswish,
-                nn.Hardsigmoid, nn.Tanhshrink, nn.Softsign)
-_RESHAPE = (nn.Flatten, nn.Unflatten, nn.Identity)
-
-
-def _fast(src_stop, b):
-    """The fast path for the segment from ``b`` up to ``src_stop``, or ``None``."""
+def _closed_step(src_stop, b, H, src, src_shape, src_dtype, N):
+    """H̄ at ``b`` in closed form when the segment from ``b`` up to ``src`` is exactly one
+    known module (its input is ``b``), else ``None``: a rule's ``kfra_step`` (Linear:
+    Wᵀ H̄ W), an elementwise activation of :mod:`~curvopt.rules.activations`
+    (H̄ ⊙ E_n[d_n d_nᵀ] with d_n its derivative), a reshape (H̄ itself)."""
     if src_stop is None or src_stop.in_edge is None or src_stop.in_edge != b.edge:
         return None
-    mod = src_stop.module
-    if isinstance(mod, _RESHAPE):
-        return "reshape"
-    if isinstance(mod, _ELEMENTWISE):
-        return "elementwise"
-    if isinstance(mod, nn.Linear) and isinstance(lookup(mod), LinearRule) and len(b.shape) == 2:
-        return "linear"
-    return None
-
-
-def _step(src_stop, b, H, src, src_shape, N):
-    """H̄ at ``b`` from H̄ at ``src``: (1/N) Σ_n J_nᵀ H̄ J_n over the segment between them.
-
-    Fast paths when the segment is exactly one known module (its input is ``b``):
-    Linear (sample-independent: Wᵀ H̄ W), an elementwise activation
-    (H̄ ⊙ E_n[d_n d_nᵀ] with d_n its derivative), a reshape (H̄ itself).  Anything
-    else: the columns of H̄^{1/2}, broadcast to every sample, go back through autograd.
-    """
-    kind = _fast(src_stop, b)
+    if hasattr(src_stop, "rule"):
+        return src_stop.rule.kfra_step(src_stop.module, H, src_shape)
+    kind = activations.kind(src_stop.module)
     if kind == "reshape":
         return H
     if kind == "elementwise":
-        ones = torch.ones(src_shape, dtype=H.dtype, device=H.device)
+        ones = torch.ones(src_shape, dtype=src_dtype, device=H.device)
         (d,) = torch.autograd.grad(src, b.edge, ones, retain_graph=True)
-        d = d.reshape(N, -1)
+        d = d.reshape(N, -1).to(H.dtype)
         return H * (d.T @ d) / N
-    if kind == "linear":
-        W = src_stop.module.weight.detach().to(H.dtype)
-        return W.T @ H @ W
+    return None
+
+
+def _columns_step(b, H, src, src_shape, src_dtype, N):
+    """H̄ at ``b`` from H̄ at ``src``, (1/N) Σ_n J_nᵀ H̄ J_n over any segment: the columns of
+    H̄^{1/2}, broadcast to every sample, go back through autograd."""
     L = _sqrt_psd(H)  # [D_src, r]
-    cols = L.T.reshape(-1, 1, *src_shape[1:]).expand(-1, N, *src_shape[1:])
+    D_b = int(torch.tensor(b.shape[1:]).prod()) if len(b.shape) > 1 else 1
+    if L.shape[1] == 0:  # H̄ = 0 (a saturated loss): nothing flows further down
+        return H.new_zeros(D_b, D_b)
+    cols = L.T.reshape(-1, 1, *src_shape[1:]).expand(-1, N, *src_shape[1:]).to(src_dtype)
     (V,) = grads(src, [b.edge], cols, batched=True)  # [r, N, *out]
     if isinstance(V, list):
-        V = torch.stack(V)
-    Vf = V.reshape(V.shape[0], N, -1)
+        V = torch.stack([torch.zeros(b.shape, dtype=src_dtype, device=H.device) if v is None
+                         else v for v in V])
+    Vf = V.reshape(V.shape[0], N, -1).to(H.dtype)
     return torch.einsum("jnd,jne->de", Vf, Vf) / N
 
 
-def factors(items):
-    """``[G, A]`` (or ``[G]``, ``[block]``) with G read off H̄ at the layer output."""
-    if len(items) != 1:
-        return None
-    r, lay = items[0]
-    H = r.columns.get("kfra_H")
-    if H is None:
-        return None
-    out_shape = r.output.shape
-    N = out_shape[0]
-    if isinstance(lay, Dense) or (isinstance(lay, Elementwise) and lay.Xhat is None
-                                  and not isinstance(r.module, _NORMS)):
-        # Per-sample output order: Linear (s, o) -> per-row blocks ("expand");
-        # convolutions (c, p) -> all position pairs (BackPACK's G).
-        D = H.shape[0]
-        if isinstance(r.module, nn.Linear):
-            Do = out_shape[-1]
-            G = torch.einsum("sasb->ab", H.reshape(D // Do, Do, D // Do, Do))
-        else:
-            C = out_shape[1]
-            G = torch.einsum("apbq->ab", H.reshape(C, D // C, C, D // C))
-        if isinstance(lay, Elementwise):
-            return Factors.of([G], "A")
-        A = DenseBound(lay, None, lay.X, cot=True).kron_A()
-        return Factors.of([G, A], "AA")
-    # No Kronecker structure (norm parameters, fallback modules): the dense block of
-    # (1/N) Σ_n J_θ,nᵀ H̄ J_θ,n, from the columns of H̄^{1/2} broadcast to every sample.
-    L = _sqrt_psd(H)
-    r.columns["kfra"] = L.T.reshape(-1, 1, *out_shape[1:]).expand(-1, N, *out_shape[1:]) / N**0.5
-    f = kronecker(items, "kfra")
-    return None if f is None else Factors.of(f, "A" * len(f))
+@dataclass(frozen=True)
+class KFRA(Quantity):
+    """Kronecker factors with a batch-averaged output Hessian passed back layer by layer, ``kfra``.
+
+    .. math:: \\bar H_{\\text{top}} = f \\sum_n H_n,\\quad
+              \\bar H_{\\text{in}} = \\tfrac1N \\sum_n J_n^\\top \\bar H_{\\text{out}} J_n
+
+    ``G`` of a layer is :math:`\\bar H` at its output (summed over positions
+    for convolutions); ``A`` as in :class:`KFAC`.  Botev, Ritter & Barber (2017).
+    """
+
+    savefield = "kfra"
+    needs_loss = True
+
+    def columns(self):
+        return {KFRA_H}
+
+    def compute(self, ctx):
+        """``[G, A]`` (or ``[G]``, ``[block]``) with G read off H̄ at the layer output."""
+        if len(ctx.items) != 1:
+            return None
+        r, lay = ctx.items[0]
+        H = r.columns.kfra_H
+        if H is None:
+            return None
+        out_shape = r.output.shape
+        N = out_shape[0]
+        if isinstance(lay, Dense) or (isinstance(lay, Elementwise) and lay.Xhat is None):
+            G = r.rule.kfra_G(r.module, H, out_shape)
+            if G is not None:
+                if isinstance(lay, Elementwise):
+                    return Factors.of([G], (BATCH,))
+                A = DenseBound(lay, None, lay.X, cot=True).kron_A()
+                return Factors.of([A, G] if lay.kron_order == "AG" else [G, A], (BATCH, BATCH))
+        # No Kronecker structure (norm parameters, fallback modules): the dense block of
+        # (1/N) Σ_n J_θ,nᵀ H̄ J_θ,n, from the columns of H̄^{1/2} broadcast to every sample.
+        L = _sqrt_psd(H)
+        cols = L.T.reshape(-1, 1, *out_shape[1:]).expand(-1, N, *out_shape[1:]) / N**0.5
+        f = kronecker(ctx, lambda c: cols if c is r.columns else None)
+        return None if f is None else Factors.of(f, (BATCH,) * len(f))
+
+    def sync(self, value, ctx, gb):
+        return sync_factors(value, gb)

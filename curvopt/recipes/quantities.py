@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvopt.engine import collect
+from curvopt.quantities import BY_SAVEFIELD
 from curvopt.recipes.schema import RecipeError
 
 __all__ = ["extension_for", "collect_fn", "read", "summarize", "describe"]
@@ -22,25 +24,14 @@ _KRONECKER = {"kfac", "kflr", "kfra"}
 
 def extension_for(savefield: str) -> Any:
     """An instance of the :mod:`curvopt.extensions` request stored under ``savefield``."""
-    from curvopt import extensions
-
-    for cls in (*extensions.FIRST_ORDER, *extensions.SECOND_ORDER):
-        if cls.savefield == savefield:
-            return cls()
-    raise RecipeError(f"no curvopt extension stores {savefield!r}")  # pragma: no cover
+    if savefield not in BY_SAVEFIELD:
+        raise RecipeError(f"no curvopt extension stores {savefield!r}")  # pragma: no cover
+    return BY_SAVEFIELD[savefield]()
 
 
 def collect_fn() -> Any:
-    """:func:`curvopt.collect`, or a :class:`RecipeError` saying the engine is missing."""
-    try:
-        import curvopt
-
-        return curvopt.collect
-    except (ImportError, AttributeError) as err:
-        raise RecipeError(
-            f"tracking statistics needs curvopt.collect, which is not available in this "
-            f"installation ({err}); remove [track] quantities"
-        ) from err
+    """:func:`curvopt.collect`."""
+    return collect
 
 
 def read(model: nn.Module, savefield: str, results: Any = None) -> dict[str, Any]:

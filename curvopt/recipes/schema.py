@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from curvopt.errors import CurvoptError
+from curvopt.quantities import REGISTRY
 
 __all__ = [
     "RecipeError",
@@ -46,19 +47,9 @@ class RecipeError(CurvoptError, ValueError):
 
 Activation = Literal["relu", "tanh", "sigmoid", "elu", "leaky_relu", "softplus", "gelu", "identity"]
 
-#: The ten quantities of :mod:`curvopt.extensions`, by the attribute they are stored under.
-Savefield = Literal[
-    "grad_batch",
-    "sum_grad_squared",
-    "variance",
-    "batch_l2",
-    "diag_ggn_exact",
-    "diag_ggn_mc",
-    "kfac",
-    "kflr",
-    "kfra",
-    "diag_h",
-]
+#: The quantities of :mod:`curvopt.extensions`, by the attribute they are stored under
+#: (read off the quantity registry: a new quantity is valid in recipes at once).
+Savefield = Literal[tuple(q.savefield for q in REGISTRY)]
 SAVEFIELDS: tuple[str, ...] = typing.get_args(Savefield)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModuleError
-from . import register
 from .layout import Embedding, Rule
+from .registry import register
 
 
 @register(nn.Embedding)

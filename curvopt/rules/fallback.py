@@ -27,16 +27,15 @@ def batch_dim(module) -> int:
 class FallbackRule(Rule):
     covers_subtree = True
 
-    def batch_size(self, module, args, kwargs, output):
-        return args[0].shape[batch_dim(module)]
-
     def layouts(self, module, args, kwargs, output):
         params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         if not params:
             return {}
         bd = batch_dim(module)
         N = args[0].shape[bd]
-        detached = {n: p.detach() for n, p in params.items()}
+        # float32 (or wider) like the captured inputs: statistics of low-precision models
+        detached = {n: p.detach().to(torch.promote_types(p.dtype, torch.float32))
+                    if p.is_floating_point() else p.detach() for n, p in params.items()}
         tensor_pos = [i for i, a in enumerate(args) if torch.is_tensor(a)]
         # Tensor keyword arguments that carry the batch (e.g. key_padding_mask) are vmapped too.
         batched_kw = {k: v for k, v in kwargs.items()

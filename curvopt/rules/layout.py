@@ -23,7 +23,6 @@ squares, squared norms, the total, and Kronecker factors.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,12 +49,30 @@ class Rule:
         """
         return set()
 
+    #: DiagHessian: a diagonal residual at this layer's output moves one layer down in
+    #: closed form, ``(r @ W²) ⊙ φ'²`` (true for a plain Linear: each weight entry feeds
+    #: one output feature per row).
+    transports_diagonal = False
+
     def layouts(self, module, args, kwargs, output) -> dict[str, Layout]:
         """Map each own parameter name of ``module`` to its :class:`Layout`."""
         raise NotImplementedError
 
-    def batch_size(self, module, args, kwargs, output) -> int:
-        return args[0].shape[0]
+    def check(self, module, name: str) -> None:
+        """Raise before the forward if the call is outside what the rule defines (BatchNorm
+        in train mode mixes samples).  Runs for every module of the type, parameters or not."""
+
+    def kfra_G(self, module, H: Tensor, out_shape) -> Tensor | None:
+        """KFRA: the Kronecker factor ``G`` read off the batch-averaged Hessian ``H``
+        (``[D, D]`` over one sample's output elements); ``None``: no Kronecker form (the
+        parameters get the dense block of :math:`E_n[J_n^\\top \\bar H J_n]`)."""
+        return None
+
+    def kfra_step(self, module, H: Tensor, out_shape) -> Tensor | None:
+        """KFRA: :math:`\\bar H` at the module's input from :math:`\\bar H` at its output
+        in closed form, when the Jacobian is the same for every sample; ``None``: curvopt
+        sends the columns of :math:`\\bar H^{1/2}` back through autograd instead."""
+        return None
 
 
 @dataclass
@@ -120,6 +137,11 @@ class Bound:
         return None
 
 
+def round_off(dtype: torch.dtype) -> float:
+    """Relative tolerance of numerical self-checks on values stored in ``dtype``."""
+    return {torch.float64: 1e-9, torch.float16: 4e-3, torch.bfloat16: 3e-2}.get(dtype, 1e-4)
+
+
 def concat(bounds: list[Bound]) -> list[Bound]:
     """Merge bounds of one parameter that share a layout kind (weight sharing)."""
     if len(bounds) <= 1:
@@ -155,6 +177,20 @@ class Dense(Layout):
     ``expand``: the Kronecker factor A is normalised by ``N·S`` (Linear on
     ``[N, S, D]`` inputs: the "expand" convention of Eschenhagen et al. 2023)
     instead of ``N`` (convolutions, as BackPACK and Grosse & Martens 2016).
+
+    Kronecker factors (:meth:`DenseBound.kron_factors`), per group ``j`` of ``g``:
+
+    .. math:: A_j = \\frac1{N(\\cdot S)} \\sum_{n,s} x_{n,s,j} x_{n,s,j}^\\top,\\qquad
+              G_j = \\sum_{k,n,s} r_{k,n,s,j} r_{k,n,s,j}^\\top
+
+    (``reduce_G``: ``r`` summed over ``s`` first).  One group: ``A: [Di, Di]``,
+    ``G: [Do, Do]``; ``g > 1`` (grouped/depthwise convolutions): a leading group
+    dimension, ``A: [g, Di, Di]``, ``G: [g, Do, Do]``, and ``G_j ⊗ A_j`` approximates the
+    GGN block of the group's weight slice ``weight[j·Do:(j+1)·Do]`` (row-major).
+    ``kron_order`` is the order of the returned factors: ``"GA"`` (``weight: [Do, Di·k…]``;
+    ConvTranspose: BackPACK's ``[G, Ω]``, a block of ``weight.transpose(0, 1)``) or
+    ``"AG"`` (a weight stored ``[Di, Do]``, Hugging Face's ``Conv1D``: then
+    ``kron(A, G)`` acts on ``weight.flatten()``).
     """
 
     X: Tensor = None
@@ -168,6 +204,7 @@ class Dense(Layout):
     #: ``() -> [N, P_out, C_in·k…]`` (the transposed convolution's own unfold) for A.
     kron_rows: Callable[[Tensor], Tensor] | None = None
     kron_X: Callable[[], Tensor] | None = None
+    kron_order: str = "GA"
 
     def kind(self):
         return ("dense", self.X.shape[2:], self.transposed)
@@ -208,6 +245,18 @@ def _gram(R: Tensor, X: Tensor, transposed: bool) -> Tensor:
     return torch.einsum("ngo,ngi->goi", R, X)
 
 
+def _group_gram(M: Tensor) -> Tensor:
+    """:math:`\\sum_i m_{i,j} m_{i,j}^\\top` per group ``j`` for ``M: [rows, g, d]``.
+
+    ``[d, d]`` for one group (today's 2-D factors), ``[g, d, d]`` otherwise.
+    """
+    if M.shape[1] == 1:
+        M = M[:, 0]
+        return M.T @ M
+    M = M.transpose(0, 1)  # [g, rows, d]
+    return M.transpose(1, 2) @ M
+
+
 class DenseBound(Bound):
     def __init__(self, layout: Dense, R: Tensor, X: Tensor, cot: Tensor | None = None):
         self.layout, self.R, self.X, self.cot = layout, R, X, cot
@@ -217,9 +266,6 @@ class DenseBound(Bound):
         R = torch.cat([m.R for m in members], dim=2)
         X = torch.cat([m.X for m in members], dim=1)
         return DenseBound(self.layout, R, X)  # no single cotangent: see kron_G
-
-    def _grad_shape(self, lead):
-        return (*lead, *self.layout.shape)
 
     def per_sample(self):
         K, N = self.R.shape[:2]
@@ -307,12 +353,12 @@ class DenseBound(Bound):
         gen = _probe_generator(R.device)  # private: the user's RNG stream stays untouched
         u = torch.randn(R.shape[-1], dtype=R.dtype, device=R.device, generator=gen)
         v = torch.randn(X.shape[-1], dtype=X.dtype, device=X.device, generator=gen)
-        t2 = t.reshape(R.shape[-1], X.shape[-1])
+        t2 = t.reshape(R.shape[-1], X.shape[-1]).to(R.dtype)
         lhs = u @ (t2 @ v)
         Rf = R[:, :, 0].reshape(-1, R.shape[-1])  # every row of every sample
         Xf = X[:, :, 0].reshape(-1, X.shape[-1])
         rhs = ((Rf @ u) * (Xf @ v)).sum()
-        tol = 1e-4 if R.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+        tol = round_off(t.dtype)
         # Cauchy-Schwarz scale of uᵀtv: round-off stays far below it, a real mismatch not
         bound = torch.linalg.vector_norm(u) * torch.linalg.vector_norm(v) * torch.linalg.vector_norm(t2)
         return bool((lhs - rhs).abs() <= tol * bound + 1e-30)
@@ -323,49 +369,41 @@ class DenseBound(Bound):
         return _gram(R.reshape(N * S, g, -1), X.reshape(N * S, g, -1),
                      self.layout.transposed).reshape(self.layout.shape)
 
-    def _check_groups(self):
-        if self.X.shape[2] != 1:
+    def _needs_cot(self):
+        if self.cot is None:
             raise UnsupportedModuleError(
-                "Kronecker factors of a grouped convolution (groups > 1) are not "
-                "block-Kronecker with one input factor; use DiagGGNExact/DiagGGNMC for it."
+                "Kronecker factors of a ConvTranspose applied more than once are not "
+                "supported; use DiagGGNExact/DiagGGNMC for it."
             )
 
     def kron_A(self):
-        self._check_groups()
+        """A, ``[Di, Di]`` or ``[g, Di, Di]`` per group (see :class:`Dense`)."""
         lay = self.layout
+        g = self.X.shape[2]
         if lay.kron_X is not None:  # ConvTranspose: its own unfold over output positions
-            if self.cot is None:
-                raise UnsupportedModuleError(
-                    "Kronecker factors of a ConvTranspose applied more than once are not "
-                    "supported; use DiagGGNExact/DiagGGNMC for it."
-                )
-            U = lay.kron_X()
+            self._needs_cot()
+            U = lay.kron_X()  # [N, P_out, C_in·k…], channel-major: groups are contiguous
             N = U.shape[0]
-            U = U.flatten(0, 1)
-            return U.T @ U / N
-        X = self.X
-        N, S = X.shape[:2]
-        X = X[:, :, 0].flatten(0, 1)
-        return X.T @ X / (N * S if lay.expand else N)
+            return _group_gram(U.reshape(-1, g, U.shape[-1] // g)) / N
+        N, S = self.X.shape[:2]
+        return _group_gram(self.X.flatten(0, 1)) / (N * S if lay.expand else N)
 
     def kron_G(self):
-        self._check_groups()
+        """G, ``[Do, Do]`` or ``[g, Do, Do]`` per group (see :class:`Dense`)."""
         lay = self.layout
+        g = self.X.shape[2]
         if lay.kron_rows is not None:
-            if self.cot is None:
-                raise UnsupportedModuleError(
-                    "Kronecker factors of a ConvTranspose applied more than once are not "
-                    "supported; use DiagGGNExact/DiagGGNMC for it."
-                )
-            R = lay.kron_rows(self.cot).flatten(0, 1)
-        elif lay.reduce_G:
-            R = self.R[:, :, :, 0].sum(2).flatten(0, 1)
-        else:
-            R = self.R[:, :, :, 0].flatten(0, 2)
-        return R.T @ R
+            self._needs_cot()
+            R = lay.kron_rows(self.cot).flatten(0, 1)  # [K·N, C_out]
+            return _group_gram(R.reshape(R.shape[0], g, -1))
+        if lay.reduce_G:
+            return _group_gram(self.R.sum(2).flatten(0, 1))
+        return _group_gram(self.R.flatten(0, 2))
 
-    def dense_block(self):
-        return Bound.dense_block(self)
+    def kron_factors(self) -> tuple[list[Tensor], str]:
+        """``([F_1, F_2], roles)`` in the layout's ``kron_order``: ``[G, A]`` or ``[A, G]``."""
+        G, A = self.kron_G(), self.kron_A()
+        return ([A, G], "AG") if self.layout.kron_order == "AG" else ([G, A], "GA")
 
 
 # ------------------------------------------------------------------------------ Elementwise
@@ -528,6 +566,3 @@ class MaterializedBound(Bound):
     def per_sample(self):
         return self.G
 
-
-def numel(shape) -> int:
-    return math.prod(shape)

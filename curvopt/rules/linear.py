@@ -2,19 +2,40 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from . import register
+from ..errors import UnsupportedModuleError
 from .layout import Dense, Elementwise, Rule
+from .registry import register
 
 
 @register(nn.Linear)
 class LinearRule(Rule):
+    transports_diagonal = True
+
     def kronecker(self, module):
         return {"weight", "bias"}
 
+    def kfra_G(self, module, H, out_shape):
+        # Per-sample output order (s, o): the S rows are extra batch ("expand"), so G sums
+        # the per-row diagonal blocks of H̄.
+        D, Do = H.shape[0], out_shape[-1]
+        return torch.einsum("sasb->ab", H.reshape(D // Do, Do, D // Do, Do))
+
+    def kfra_step(self, module, H, out_shape):
+        if len(out_shape) != 2:
+            return None
+        W = module.weight.detach().to(H.dtype)  # the same Jacobian for every sample
+        return W.T @ H @ W
+
     def layouts(self, module, args, kwargs, output):
         x = args[0]
+        if x.dim() < 2:
+            raise UnsupportedModuleError(
+                f"{module} was called on an unbatched input of shape {tuple(x.shape)}; "
+                "per-sample quantities need a batch dimension first: use x.unsqueeze(0)."
+            )
         N, Di, Do = x.shape[0], module.in_features, module.out_features
         X = x.reshape(N, -1, 1, Di)
         S = X.shape[1]

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CollectError
-from . import register
 from .layout import Elementwise, Rule
+from .registry import register
 
 
 def _affine(module, N, xhat_rows, rows_fn):
@@ -54,11 +54,6 @@ if hasattr(nn, "RMSNorm"):
             X = xhat.reshape(N, -1, D)
             S = X.shape[1]
             return _affine(module, N, X, lambda cot: cot.reshape(cot.shape[0], N, S, D))
-
-
-def _channels_last(t, N, C):  # [.., N, C, *sp] -> [.., N, P, C]
-    lead = t.shape[: t.dim() - t.dim()]
-    return t.reshape(*lead, N, C, -1).transpose(-1, -2)
 
 
 @register(nn.GroupNorm)
