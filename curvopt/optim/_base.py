@@ -57,8 +57,9 @@ Life cycle
   engine's hooks follow ``requires_grad`` changes of the optimizer's
   parameters at the next step.
 * **Nothing wedges.**  A backward that did not finish (an exception in a hook,
-  an interrupt) is noticed at the next forward or ``step()``; the engine is
-  re-attached fresh, so the next iteration is an ordinary one.
+  an interrupt) is noticed at the next forward or ``step()``: its MC draws are
+  given back (the engine forgets the half-done pass itself), so the next
+  iteration is an ordinary one; an exception inside ``step()`` changes nothing.
 * **Checkpoints** hold tensors, numbers, strings and plain containers only
   (``torch.load`` with its default ``weights_only=True`` reads them).
   :meth:`load_state_dict` checks the optimizer class, the hyperparameter keys
@@ -221,15 +222,22 @@ def parse_track(track: Any) -> tuple[Extension, ...]:
     return tuple(out)
 
 
-def exact_columns(loss_fn: nn.Module, output: Tensor) -> int:
-    """Columns per sample of the exact loss-Hessian square root the engine sends back.
+def exact_columns(loss_fn: nn.Module, output: Tensor, batch: int | None = None) -> int:
+    """Columns per model sample of the exact loss-Hessian square root the engine sends back.
 
     ``C − 1`` per position for cross-entropy / NLL over ``C`` classes (times the
-    positions of ``[N, C, d…]`` outputs), one per output element otherwise.
+    positions of ``[N, C, d…]`` outputs), one per output element otherwise; times
+    ``T`` when the loss sees ``[N·T, …]`` rows of a model batch of ``batch = N``
+    (``logits.reshape(-1, V)``: the engine gives each row its own columns).
     """
     if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and output.dim() >= 2:
-        return (output.shape[1] - 1) * math.prod(output.shape[2:])
-    return output[0].numel() if output.dim() else 1
+        per_row = (output.shape[1] - 1) * math.prod(output.shape[2:])
+    else:
+        per_row = output[0].numel() if output.dim() else 1
+    rows = output.shape[0] if output.dim() else 1
+    if batch and rows != batch and rows % batch == 0:
+        return per_row * (rows // batch)
+    return per_row
 
 
 def _merge(required: Iterable[Extension], tracked: Iterable[Extension]) -> tuple[Extension, ...]:
@@ -638,13 +646,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _recover(self) -> None:
         """The last backward did not finish (an exception or interrupt inside it).
 
-        Its MC draws are given back and the engine is re-attached fresh, so nothing of
-        the half-done pass survives into the next iteration.
+        Its MC draws are given back; the engine forgets the half-done pass itself at
+        the next forward (``Collector._recover``), so the next iteration is an ordinary one.
         """
         self._in_backward = False
         self._undo_draws()
-        self._attach()
-        self._schedule()
 
     # -------------------------------------------------------------------- schedule
     def _extensions_for_step(self, step: int) -> tuple[Extension, ...]:

@@ -14,8 +14,9 @@ the model before training:
   weight, weight-normed layers), parameters shared by several modules (tied
   embeddings), and layers whose factors would be too large.
 
-The plan mirrors how :meth:`curvopt.Collector.attach` assigns rules: a module
-on the generic rule covers its whole subtree, a parametrized module too.
+The plan mirrors how :meth:`curvopt.Collector.attach` assigns rules
+(:func:`curvopt.rules.hooked`; a module on the generic rule, a parametrized one
+included, covers its whole subtree).
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from ..rules import lookup
+from ..rules import hooked
 from ..rules.layout import MAX_DENSE_BLOCK
 
 __all__ = ["Block", "plan_blocks", "summary", "table", "NORM_BLOCKS"]
@@ -64,21 +64,20 @@ def plan_blocks(model: nn.Module, params: list[Tensor], norm_blocks: str = "diag
     owners: dict[int, list] = {}  # id(p) -> [(module name, module, parameter name, kronecker)]
     covered: list[str] = []
     for name, module in model.named_modules():
-        if any(c == "" or name == c or name.startswith(c + ".") for c in covered):
+        if any(c == "" or name.startswith(c + ".") for c in covered):
             continue
-        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        generic = parametrize.is_parametrized(module)
-        if not own and not generic:
+        rule = hooked(module)  # as the engine's attach: the rule of a recorded module call
+        if rule is None:
             continue
-        rule = lookup(module)
-        if generic or getattr(rule, "covers_subtree", False):
+        if getattr(rule, "covers_subtree", False):
             covered.append(name)
             for n, p in module.named_parameters():
                 owners.setdefault(id(p), []).append((name, module, n, None))
             continue
         kron = rule.kronecker(module)
-        for n, p in own:
-            owners.setdefault(id(p), []).append((name, module, n, n in kron))
+        for n, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                owners.setdefault(id(p), []).append((name, module, n, n in kron))
     return {id(p): _block(p, owners.get(id(p), []), norm_blocks) for p in params}
 
 

@@ -226,3 +226,14 @@ def test_gpt2_block_report_names_every_parameter():
         assert name in report
     assert "shared by several modules" in report  # the tied embedding / LM head
     opt.close()
+
+
+def test_exact_columns_count_what_the_engine_sends_back():
+    from curvopt.optim._base import exact_columns
+
+    mse = nn.MSELoss()
+    assert exact_columns(CE, torch.zeros(4, 10)) == 9
+    assert exact_columns(CE, torch.zeros(4, 10, 3, 2)) == 9 * 6
+    assert exact_columns(mse, torch.zeros(4, 7)) == 7
+    assert exact_columns(CE, torch.zeros(4 * 12, 32), batch=4) == 31 * 12  # logits.reshape(-1, V)
+    assert exact_columns(CE, torch.zeros(4, 32), batch=4) == 31
