@@ -270,7 +270,7 @@ class KFACOptimizer(CurvatureOptimizer):
                 + "; the diagonal ones use the damped GGN diagonal. opt.block_report() lists "
                 "every parameter.",
                 CurvatureChoiceWarning,
-                stacklevel=4,
+                stacklevel=3,
             )
 
     def block_report(self) -> str:
