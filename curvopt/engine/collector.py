@@ -236,6 +236,8 @@ class Collector:
             raise ValueError(f"collect: batch_coupling must be 'error' or 'rows', got {batch_coupling!r}")
         self.batch_coupling = batch_coupling
         self._coupled = False  # a layer coupled the samples of the running forward pass
+        #: names of the layers that coupled the samples of a batch so far (batch_coupling="rows")
+        self.coupled_layers: set[str] = set()
         self.accumulate = accumulate
         self._union: dict = {}  # (param name, savefield) -> (quantity, additive state)
         self._union_z = self._union_n = 0.0  # the union's loss normalizer and sample count
@@ -395,6 +397,7 @@ class Collector:
             if self._extensions and torch.is_grad_enabled() and not self._computing:
                 if rule.check(module, name, self.batch_coupling):
                     self._coupled = True
+                    self.coupled_layers.add(name)
 
         return hook
 
@@ -863,7 +866,8 @@ def collect(model: nn.Module, loss_fn=None, *extensions: Quantity, set_attribute
     (use a :class:`Collector` for a loop), unless ``accumulate=True``: then the
     backward passes of the block are micro-batches of one batch, and the results
     describe their union (see :class:`Collector`).  ``loss_fn`` may be ``None`` when only
-    first-order quantities are requested.  Yields the :class:`Collector` (``.results`` keyed by parameter name).
+    first-order quantities are requested.  Yields the :class:`Collector` (``.results``
+    keyed by parameter name).
     """
     if isinstance(loss_fn, Quantity):
         extensions = (loss_fn, *extensions)

@@ -168,7 +168,6 @@ ALL_EXTENSIONS = (
 AUTO_EXACT_MAX_COLUMNS = 10
 
 #: First-order statistics and the power of the loss scale they carry.
-_SCALED = {"grad_batch": 1, "sum_grad_squared": 2, "variance": 2, "batch_l2": 2}
 
 #: State entries shaped like their parameter, and entries that are Kronecker factor lists.
 _PARAM_SHAPED = frozenset({
@@ -436,10 +435,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._rng_pending: dict[str, Tensor] = {}  # loaded states of streams not created yet
         self._rng_snapshot: dict[str, Tensor] | None = None  # streams before this backward's draws
         self._last_loss: Tensor | None = None
-        self._loss_scale: Tensor | None = None  # d total / d loss of the last backward
         self._batch_size: int | None = None
         self._dist_loss_bad = False
         self._in_backward = False
+        self._coupling_noted: set[str] = set()
         self._superseded_by: str | None = None
         self._trainable: tuple = ()
         #: ``"auto"``: average the gradients over ranks in ``step()`` unless the model is
@@ -481,10 +480,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """(Re-)attach a fresh engine: new hooks for the current trainable parameters."""
         if self._collector is not None:
             self._collector.detach()
-        col = Collector(self.model, self.loss_fn, extensions=(), set_attributes=False)
+        # Statistics describe the loss module whatever GradScaler or `loss / k` multiply it
+        # by; the backward passes between two steps are micro-batches of one batch; layers
+        # that mix samples (train-mode BatchNorm) are read row by row (the K-FAC practice).
+        col = Collector(self.model, self.loss_fn, extensions=(), set_attributes=False,
+                        loss_scaling="unscale", accumulate=True, batch_coupling="rows")
         col.mc_generator = _weak_method(self, "_generator")
-        if hasattr(col, "loss_scaling"):
-            col.loss_scaling = "unscale"
         col.attach()
         _HOLDERS[self.model] = weakref.ref(self)
         self._collector = col
@@ -628,7 +629,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _backward_started(self, g: Tensor) -> None:
         # The loss output is where every backward through the loss begins: before the
         # engine's loss-input hook draws MC samples.
-        self._loss_scale = g.detach() if g.numel() == 1 else None
         self._rng_snapshot = None
         self._backward_reached_model(g)
 
@@ -642,6 +642,27 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _backward_finished(self) -> None:
         self._in_backward = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim``'s ``zero_grad``; also starts a new batch of statistics (a pass
+        whose step was skipped, by GradScaler say, is not carried into the next step)."""
+        super().zero_grad(set_to_none=set_to_none)
+        if self._collector is not None:
+            self._collector.reset()
+
+    def _note_coupling(self) -> None:
+        """Say once which layers couple the samples (train-mode BatchNorm) and how they are read."""
+        new = self._collector.coupled_layers - self._coupling_noted
+        if new:
+            self._coupling_noted |= new
+            warnings.warn(
+                f"{type(self).__name__}: layer(s) {', '.join(sorted(new))} normalize with the "
+                "statistics of the batch (BatchNorm in train mode), which couples its samples; "
+                "curvopt reads the rows of what flows back as samples (the K-FAC practice, "
+                "batch_coupling='rows').",
+                CurvatureChoiceWarning,
+                stacklevel=4,
+            )
 
     def _recover(self) -> None:
         """The last backward did not finish (an exception or interrupt inside it).
@@ -683,15 +704,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _params_with_grad(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
 
-    def _unscale(self, res: dict) -> dict:
-        """First-order statistics of a scaled loss divided by the scale (engine without unscaling)."""
-        if hasattr(self._collector, "loss_scaling") or self._loss_scale is None:
-            return res
-        s = float(self._loss_scale)
-        if s == 1.0 or not any(k in res for k in _SCALED):
-            return res
-        return {k: v / s ** _SCALED[k] if k in _SCALED else v for k, v in res.items()}
-
     def _fresh_stats(self) -> dict[Tensor, dict] | None:
         """Statistics of the backward since the last step, or ``None`` if there was none."""
         if not self._collector.extensions:
@@ -699,7 +711,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self._collector.results is self._consumed_results:
             return None
         return {
-            p: _plain(self._unscale(self._collector.param_results(p)))
+            p: _plain(self._collector.param_results(p))
             for g in self.param_groups for p in g["params"]
         }
 
@@ -731,6 +743,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         bad = self._non_finite(params, stats, loss)
         if stats is not None:
             self._consumed_results = self._collector.results
+        self._collector.reset()  # the next backward starts the next step's batch
+        self._note_coupling()
         if bad is not None:
             warnings.warn(
                 f"{type(self).__name__}: non-finite {bad} at step {self._global_step + 1}; "
