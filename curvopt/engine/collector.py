@@ -271,6 +271,8 @@ class Collector:
         # True while curvopt itself re-runs modules (the generic rule's torch.func calls).
         self._computing = False
         self.results: dict[str, dict] = {}
+        #: samples the results describe (all ranks'; every micro-batch's with ``accumulate``)
+        self.samples: int | None = None
         self._names = {}
         for n, p in model.named_parameters():
             self._names.setdefault(p, n)
@@ -762,10 +764,12 @@ class Collector:
                 _check_coverage(ctx)
             out[name] = res
         gb = None
+        if recs:
+            self.samples = next(iter(recs[0].layouts().values())).N
         if dist_on and recs:
-            n_local = next(iter(recs[0].layouts().values())).N
-            gb = self._global_batch(n_local, recs[0].output.device)
+            gb = self._global_batch(self.samples, recs[0].output.device)
             distributed.reduce_results(out, jobs, gb, self.gather)
+            self.samples = gb.n_global
         if self.accumulate and recs:
             out = self._accumulate(out, jobs, recs, gb)
         return out
@@ -774,10 +778,10 @@ class Collector:
         """Fold this backward's results into the union of the micro-batches since
         :meth:`reset` (see ``accumulate``) and return the union's results."""
         summed = self.loss_fn is not None and getattr(self.loss_fn, "reduction", "mean") == "sum"
-        n = next(iter(recs[0].layouts().values())).N
+        n = self.samples
         z = float(self._normalizer_local) if self._normalizer_local is not None else float(n)
         if gb is not None:  # the results describe the global batch: its normalizer
-            n, z = gb.n_global, z / gb.rho
+            z = z / gb.rho
         z = 1.0 if summed else z
         self._normalizer_local = None
         for name, q, ctx in jobs:
@@ -788,6 +792,7 @@ class Collector:
             self._union[key] = (q, state)
         self._union_n += n
         self._union_z = 1.0 if summed else self._union_z + z
+        self.samples = int(self._union_n)
         union: dict[str, dict] = {}
         for (name, field), (q, state) in self._union.items():
             union.setdefault(name, {})[field] = q.normalize(state, self._union_z, self._union_n)

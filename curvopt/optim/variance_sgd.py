@@ -8,7 +8,6 @@ from typing import Any
 from torch import nn
 
 from ..extensions import Variance
-from . import _distributed as D
 from . import functional as F
 from ._base import CurvatureOptimizer, Transaction
 
@@ -86,12 +85,9 @@ class VarianceAdaptiveSGD(CurvatureOptimizer):
         return (Variance(),) if self.variance == "batch" else ()
 
     def _global_batch_size(self) -> int:
-        """N of the last backward: the model input's first dimension (times the world size
-        when the engine reduces over torch.distributed)."""
-        n = self._batch_size or 1
-        if self._collector.distributed == "auto" and D.active():
-            n *= D.world_size()
-        return n
+        """N of the statistics: the samples of every backward since the last step (all
+        ranks' when the engine reduces over torch.distributed)."""
+        return self._collector.samples or 1
 
     def _update(self, step, stats, loss, closure, tx: Transaction):
         n = self._global_batch_size()
