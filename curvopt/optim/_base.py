@@ -115,6 +115,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import losses
 from ..engine import Collector
 from ..errors import CollectError, CurvoptError
 from ..extensions import (
@@ -171,7 +172,7 @@ AUTO_EXACT_MAX_COLUMNS = 10
 
 #: State entries shaped like their parameter, and entries that are Kronecker factor lists.
 _PARAM_SHAPED = frozenset({
-    "exp_avg", "exp_avg_curv", "exp_avg_sq", "var_avg", "gamma", "momentum_buffer",
+    "exp_avg", "exp_avg_curv", "exp_avg_sq", "var_avg", "gamma", "momentum_buffer", "kfe_scale",
     "diag_avg", "sum_grad_squared", "variance", "diag_ggn_exact", "diag_ggn_mc", "diag_h",
 })
 _FACTOR_LISTS = frozenset({"factors", "inverses", "eigenvectors", "kfac", "kflr", "kfra"})
@@ -437,6 +438,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._last_loss: Tensor | None = None
         self._batch_size: int | None = None
         self._dist_loss_bad = False
+        # The loss normalizer z (the 'mean' denominator) of the backward passes since the
+        # last step, as the engine normalizes the batch's statistics with it; tracked only
+        # for updates that need it (`_needs_normalizer`).
+        self._pending_z: Tensor | None = None  # of the last loss call, until its backward
+        self._batch_z: Tensor | float = 0.0  # summed over this batch's backward passes
+        self._step_z: Tensor | float = 0.0  # the batch's, during step()
         self._in_backward = False
         self._coupling_noted: set[str] = set()
         self._superseded_by: str | None = None
@@ -625,12 +632,29 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
             self._last_loss = output.detach()
             output.register_hook(_weak_method(self, "_backward_started"))
+            if self._needs_normalizer and len(args) >= 2 and isinstance(args[1], Tensor):
+                self._pending_z = losses.of(module).normalizer(args[0], args[1]).double()
 
     def _backward_started(self, g: Tensor) -> None:
         # The loss output is where every backward through the loss begins: before the
         # engine's loss-input hook draws MC samples.
         self._rng_snapshot = None
+        if self._pending_z is not None:  # this backward's batch joins the step's batch
+            self._batch_z = self._batch_z + self._pending_z
+            self._pending_z = None
         self._backward_reached_model(g)
+
+    #: whether the update needs :meth:`_normalizer` (the loss's normalizer of the batch)
+    _needs_normalizer = False
+
+    def _normalizer(self) -> Tensor | float:
+        """:math:`z = 1/f` of the step's batch on this rank, as the engine normalizes the
+        statistics: the sum of the backward passes' ``'mean'`` denominators (micro-batches);
+        1 for a ``'sum'`` loss.  Under ``torch.distributed`` the global batch's is the sum
+        over ranks (for a ``'mean'`` loss)."""
+        if getattr(self.loss_fn, "reduction", "mean") == "sum":
+            return 1.0
+        return self._step_z
 
     def _backward_reached_model(self, g: Tensor) -> None:
         """A backward is running; a callback at its end says it finished (else: _recover)."""
@@ -649,6 +673,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
         if self._collector is not None:
             self._collector.reset()
+        self._batch_z = 0.0
 
     def _note_coupling(self) -> None:
         """Say once which layers couple the samples (train-mode BatchNorm) and how they are read."""
@@ -744,6 +769,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if stats is not None:
             self._consumed_results = self._collector.results
         self._collector.reset()  # the next backward starts the next step's batch
+        self._step_z, self._batch_z = self._batch_z, 0.0
         self._note_coupling()
         if bad is not None:
             warnings.warn(

@@ -31,8 +31,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._dist import allreduce_bucketed
+
 __all__ = ["active", "rank", "world_size", "assign_by_cost", "allreduce_flag",
-           "average_gradients", "broadcast_from_owners"]
+           "allreduce_sum", "average_gradients", "broadcast_from_owners"]
 
 
 def active() -> bool:
@@ -53,6 +55,11 @@ def allreduce_flag(flag: bool, device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t)
     return bool(t.item() > 0)
+
+
+def allreduce_sum(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """``tensors`` summed over ranks (new tensors; one collective per dtype/device bucket)."""
+    return allreduce_bucketed(list(tensors))
 
 
 def average_gradients(grads: Sequence[Tensor], n_local: int | None, mean: bool,

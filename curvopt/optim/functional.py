@@ -40,6 +40,11 @@ __all__ = [
     "eigendecomposition",
     "precondition_inverses",
     "precondition_eigen",
+    "kfe_second_moment",
+    "kfe_carry_over",
+    "precondition_kfe",
+    "kfe_matvec",
+    "eigenvalue_products",
     "precondition_diagonal",
     "kl_clip_coefficient",
     "lm_damping_update",
@@ -307,14 +312,107 @@ def precondition_eigen(
         eigenvectors, eigenvalues: from :func:`eigendecomposition`.
         damping: :math:`\\lambda > 0`.
     """
-    Qs = [Q.to(grad.dtype) for Q in eigenvectors]
-    view = kronecker_dims(grad.shape, Qs)
-    t = _mode_product([Q.mT for Q in Qs], grad.reshape(view))
-    scale = eigenvalues[0].to(grad.dtype)
-    for j, d in enumerate(eigenvalues[1:], 1):  # [*B, d_0, ..., d_j]: outer product per group
-        scale = scale.unsqueeze(-1) * d.to(grad.dtype).reshape(*d.shape[:-1], *([1] * j), d.shape[-1])
-    t = t / (scale + damping)
-    return _mode_product(Qs, t).reshape(grad.shape)
+    scale = eigenvalue_products(eigenvalues, grad.dtype)
+    return _in_eigenbasis(grad, eigenvectors, lambda t: t / (scale + damping))
+
+
+def eigenvalue_products(eigenvalues: Sequence[Tensor], dtype=None) -> Tensor:
+    """:math:`d_1 \\circ d_2 \\circ \\dots` (outer product per group), ``[*B, d_1, ..., d_k]``:
+    the eigenvalues of :math:`F_1 \\otimes \\dots`, K-FAC's diagonal in its eigenbasis."""
+    dtype = dtype or eigenvalues[0].dtype
+    out = eigenvalues[0].to(dtype)
+    for j, d in enumerate(eigenvalues[1:], 1):
+        out = out.unsqueeze(-1) * d.to(dtype).reshape(*d.shape[:-1], *([1] * j), d.shape[-1])
+    return out
+
+
+def _in_eigenbasis(v: Tensor, eigenvectors: Sequence[Tensor], fn) -> Tensor:
+    """:math:`Q\\, \\mathrm{fn}(Q^\\top v)` with :math:`Q = Q_1 \\otimes \\dots` (row-major
+    ``vec``); ``fn`` acts on ``[*B, d_1, ..., d_k]``.  Returned in ``v``'s shape and dtype."""
+    Qs = [Q.to(v.dtype) for Q in eigenvectors]
+    view = kronecker_dims(v.shape, Qs)
+    t = fn(_mode_product([Q.mT for Q in Qs], v.reshape(view)))
+    return _mode_product(Qs, t).reshape(v.shape)
+
+
+# ------------------------------------------------------------------------------ EKFAC
+def kfe_second_moment(grad_batch: Tensor, eigenvectors: Sequence[Tensor], z) -> Tensor:
+    """The curvature's diagonal in the Kronecker eigenbasis from per-sample gradients (EKFAC).
+
+    George, Laurent, Bouthillier, Ballas & Vincent (2018), "Fast Approximate
+    Natural Gradient Descent in a Kronecker-factored Eigenbasis", eq. (8): with
+    :math:`g_n = f\\nabla\\ell_n` the per-sample gradients as curvopt's
+    ``grad_batch`` holds them (:math:`f = 1/z`, ``z`` the loss's normalizer:
+    the ``'mean'`` denominator, 1 for ``'sum'``),
+
+    .. math:: s = f\\sum_n \\big(Q_G^\\top \\nabla\\ell_n\\, Q_A\\big)^{\\odot 2}
+              = z\\sum_n \\big(Q_G^\\top g_n Q_A\\big)^{\\odot 2},
+
+    the diagonal of the (empirical) Fisher :math:`f\\sum_n \\nabla\\ell_n\\nabla\\ell_n^\\top`
+    of the loss as reduced, in the basis :math:`Q_G \\otimes Q_A`.  For ``k``
+    factors every axis is rotated by its :math:`Q_i`; grouped factors
+    (``[*B, d, d]``) rotate each group's slice.
+
+    Args:
+        grad_batch: ``[N, *p.shape]`` (any layout whose trailing ``numel`` tiles the factors).
+        eigenvectors: :math:`[Q_1, \\dots]`, ``[*B, d_i, d_i]`` (row-major order, as the factors).
+        z: the loss normalizer :math:`1/f` (number or 0-dim tensor).
+
+    Returns:
+        :math:`s`, shape ``[*B, d_1, ..., d_k]`` (the view of the parameter), ``grad_batch``'s dtype.
+    """
+    Qs = [Q.to(grad_batch.dtype) for Q in eigenvectors]
+    view = kronecker_dims(grad_batch.shape[1:], Qs)
+    t = _mode_product([Q.mT for Q in Qs], grad_batch.reshape(grad_batch.shape[0], *view))
+    return (t * t).sum(0) * z
+
+
+def kfe_carry_over(scale: Tensor, old: Sequence[Tensor], new: Sequence[Tensor]) -> Tensor:
+    """A KFE diagonal moved to a new eigenbasis: the diagonal of the same curvature there.
+
+    The old estimate is the matrix :math:`C = Q\\,\\mathrm{diag}(s)\\,Q^\\top` with
+    :math:`Q = Q_1 \\otimes \\dots`; its diagonal in the new basis :math:`Q'` is
+    :math:`\\mathrm{diag}(Q'^\\top C Q') = (P_1^{\\odot2} \\otimes \\dots)\\, s` with
+    :math:`P_i = Q_i'^\\top Q_i`: elementwise squares of the rotations between the bases.
+    (Identity when the basis did not change; a running average of :math:`s`
+    continues from it instead of restarting at a single batch.)
+
+    Args:
+        scale: :math:`s`, ``[*B, d_1, ..., d_k]``.
+        old, new: the eigenvectors :math:`[Q_i]` and :math:`[Q_i']`.
+    """
+    P2 = []
+    for Qo, Qn in zip(old, new, strict=True):
+        P = Qn.mT.to(torch.float64) @ Qo.to(torch.float64)
+        P2.append((P * P).to(scale.dtype))
+    return _mode_product(P2, scale)
+
+
+def precondition_kfe(grad: Tensor, eigenvectors: Sequence[Tensor], scale: Tensor,
+                     damping: float) -> Tensor:
+    """EKFAC direction: exact damping of the diagonal ``scale`` in the Kronecker eigenbasis.
+
+    .. math:: V = Q_G\\Big[\\big(Q_G^\\top \\nabla_W\\, Q_A\\big) \\oslash
+              (s + \\lambda)\\Big] Q_A^\\top
+
+    (George et al. 2018, Algorithm 1; :func:`precondition_eigen` with
+    :math:`s = d_G d_A^\\top` is K-FAC's).  ``scale`` is clamped at zero.
+
+    Args:
+        grad: gradient with ``numel == prod(B) * prod(d_i)``.
+        eigenvectors: :math:`[Q_i]`, ``[*B, d_i, d_i]``.
+        scale: :math:`s`, ``[*B, d_1, ..., d_k]`` (e.g. from :func:`kfe_second_moment`).
+        damping: :math:`\\lambda > 0`.
+    """
+    return _in_eigenbasis(
+        grad, eigenvectors, lambda t: t / (scale.to(t.dtype).reshape(t.shape).clamp_min(0.0)
+                                           + damping))
+
+
+def kfe_matvec(v: Tensor, eigenvectors: Sequence[Tensor], scale: Tensor) -> Tensor:
+    """:math:`Q\\,\\mathrm{diag}(s)\\,Q^\\top v`: the EKFAC curvature times ``v``."""
+    return _in_eigenbasis(
+        v, eigenvectors, lambda t: t * scale.to(t.dtype).reshape(t.shape).clamp_min(0.0))
 
 
 def precondition_diagonal(grad: Tensor, diagonal: Tensor, damping: float) -> Tensor:

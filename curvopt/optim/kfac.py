@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
-from ..extensions import KFAC, KFLR, KFRA, DiagGGNExact, DiagGGNMC, Extension
+from ..extensions import KFAC, KFLR, KFRA, BatchGrad, DiagGGNExact, DiagGGNMC, Extension
 from . import _distributed as D
 from . import functional as F
 from . import plan as P
@@ -25,10 +25,11 @@ from ._base import (
     AUTO_EXACT_MAX_COLUMNS,
     CurvatureChoiceWarning,
     CurvatureOptimizer,
+    OptimizerError,
     Transaction,
     exact_columns,
 )
-from .kronecker import DAMPING_MODES, DiagonalBlock, KroneckerBlock
+from .kronecker import DAMPING_MODES, DiagonalBlock, EKFACBlock, KroneckerBlock
 
 __all__ = ["KFACOptimizer"]
 
@@ -161,7 +162,8 @@ class KFACOptimizer(CurvatureOptimizer):
         factor_decay: float = 0.95,
         factor_update_freq: int = 1,
         inverse_update_freq: int = 10,
-        damping_mode: str = "pi",
+        damping_mode: str | None = None,
+        eigen_correction: bool = False,
         kl_clip: float | None = 1e-2,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
@@ -178,8 +180,16 @@ class KFACOptimizer(CurvatureOptimizer):
     ):
         if curvature not in _CURVATURES:
             raise ValueError(f"curvature must be one of {_CURVATURES}, got {curvature!r}")
+        if damping_mode is None:
+            damping_mode = "eigen" if eigen_correction else "pi"
         if damping_mode not in DAMPING_MODES:
             raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
+        if eigen_correction and damping_mode != "eigen":
+            raise ValueError(
+                "eigen_correction=True (EKFAC) damps its fitted diagonal exactly, (s + λ), in "
+                f"the factors' eigenbasis; damping_mode={damping_mode!r} does not apply: leave "
+                "damping_mode unset (or 'eigen')"
+            )
         if fallback not in ("diag_ggn", "error"):
             raise ValueError(f"fallback must be 'diag_ggn' or 'error', got {fallback!r}")
         if norm_blocks not in P.NORM_BLOCKS:
@@ -212,6 +222,8 @@ class KFACOptimizer(CurvatureOptimizer):
         self.factor_update_freq = int(factor_update_freq)
         self.inverse_update_freq = int(inverse_update_freq)
         self.damping_mode = damping_mode
+        self.eigen_correction = bool(eigen_correction)
+        self._needs_normalizer = self.eigen_correction
         self.kl_clip = kl_clip
         self.fallback = fallback
         self.norm_blocks = norm_blocks
@@ -350,6 +362,8 @@ class KFACOptimizer(CurvatureOptimizer):
         exts = []
         if kinds[P.KRONECKER]:
             exts.append(self._curvature_extension())
+            if self.eigen_correction:
+                exts.append(BatchGrad())
         if kinds[P.DIAGONAL]:
             exts.append(self._diag_extension())
         return tuple(exts)
@@ -359,6 +373,7 @@ class KFACOptimizer(CurvatureOptimizer):
         tracked = {e.savefield for e in self.track}
         only = {}
         for ext, kind in ((self._curvature_extension(), P.KRONECKER),
+                          (BatchGrad(), P.KRONECKER),
                           (self._diag_extension(), P.DIAGONAL)):
             if ext in extensions and ext.savefield not in tracked:
                 only[ext.savefield] = kinds[kind]
@@ -371,6 +386,8 @@ class KFACOptimizer(CurvatureOptimizer):
         blocks, missing = self._update_factors(step, stats, tx)
         self._update_inverses([(g, b) for g, _, b in blocks
                                if self._inverse_due(step) or not b.has_inverse])
+        if self.eigen_correction:
+            self._update_scales(step, stats, blocks, tx)
         directions = self._precondition(blocks)
         self._demote(missing)
         if not directions:
@@ -395,10 +412,13 @@ class KFACOptimizer(CurvatureOptimizer):
                 and step % self.damping_adaptation_interval == 0):
             raise ValueError("KFACOptimizer(adaptive_damping=True) needs step(closure)")
 
+    def _kronecker_block(self, st: dict) -> KroneckerBlock:
+        return EKFACBlock(st) if self.eigen_correction else KroneckerBlock(st, self.damping_mode)
+
     def _block(self, p: Tensor, st: dict):
         """The curvature block over ``st`` if it has statistics yet, else ``None``."""
         if self._block_of(p).kind == P.KRONECKER:
-            return KroneckerBlock(st, self.damping_mode) if "factors" in st else None
+            return self._kronecker_block(st) if "factors" in st else None
         return DiagonalBlock(st) if "diag_avg" in st else None
 
     def _update_factors(self, step, stats, tx):
@@ -426,7 +446,7 @@ class KFACOptimizer(CurvatureOptimizer):
                     res = stats.get(p, {})
                     if self._block_of(p).kind == P.KRONECKER:
                         if kron_key in res:
-                            KroneckerBlock(st, self.damping_mode).update_factors(
+                            self._kronecker_block(st).update_factors(
                                 res[kron_key], group["factor_decay"])
                         else:
                             missing.append(p)
@@ -474,6 +494,39 @@ class KFACOptimizer(CurvatureOptimizer):
         received = D.broadcast_from_owners(tensors, owners, world)
         for (group, blk), owner, ts in zip(kron, owners, received, strict=True):
             blk.set_cache(ts, group["damping"], computed_here=owner == me)
+
+    def _update_scales(self, step, stats, blocks, tx) -> None:
+        """EKFAC: the eigenbasis diagonal re-estimated from this batch's per-sample gradients.
+
+        On factor-update steps, :math:`\\hat s = z \\sum_n (Q_G^\\top g_n Q_A)^{\\odot2}` from
+        ``grad_batch`` (:meth:`~curvopt.optim.kronecker.EKFACBlock.projected_sum`), summed
+        over ranks with :math:`z`, then averaged into ``kfe_scale``.  The per-sample
+        gradients are not kept in the state unless tracked.
+        """
+        if stats is None or not self._factor_due(step):
+            return
+        todo = [(g, p, b) for g, p, b in blocks
+                if isinstance(b, EKFACBlock) and "grad_batch" in stats.get(p, {})]
+        if not todo:
+            return
+        partial = [b.projected_sum(stats[p]["grad_batch"]) for _, p, b in todo]
+        z = self._normalizer()
+        mean = getattr(self.loss_fn, "reduction", "mean") != "sum"
+        if mean and not isinstance(z, Tensor):
+            raise OptimizerError(
+                "KFACOptimizer(eigen_correction=True): the loss module's normalizer was not "
+                "seen in this step's forward pass (call it as loss_fn(output, target), with "
+                "the target as a positional tensor)")
+        if D.active():
+            zs = [z.to(torch.float64).reshape(1)] if mean else []
+            reduced = D.allreduce_sum([*partial, *zs])
+            partial, z = reduced[:len(partial)], (reduced[-1] if mean else z)
+        keep = any(e.savefield == "grad_batch" for e in self.track)
+        for (group, p, blk), part in zip(todo, partial, strict=True):
+            zz = z.to(part.device).reshape(()) if isinstance(z, Tensor) else z
+            blk.update_scale(part, zz, group["factor_decay"])
+            if not keep:
+                tx[p].pop("grad_batch", None)
 
     @staticmethod
     def _precondition(blocks):

@@ -20,6 +20,15 @@ State keys of a :class:`KroneckerBlock`:
 ``inverse_updates``    number of inverse/eigendecomposition computations (int)
 =====================  ==========================================================
 
+An :class:`EKFACBlock` keeps the factors and eigenbases as a ``"eigen"``
+:class:`KroneckerBlock`, and
+
+=====================  ==========================================================
+``kfe_scale``          running average of the curvature's diagonal in the
+                       eigenbasis, :math:`s` (shaped like the parameter)
+``kfe_updates``        number of :math:`s` estimates so far (int)
+=====================  ==========================================================
+
 A :class:`DiagonalBlock` keeps ``diag_avg`` (running average of the GGN
 diagonal) and ``factor_updates``.
 """
@@ -32,7 +41,7 @@ from torch import Tensor
 
 from . import functional as F
 
-__all__ = ["KroneckerBlock", "DiagonalBlock", "DAMPING_MODES"]
+__all__ = ["KroneckerBlock", "EKFACBlock", "DiagonalBlock", "DAMPING_MODES"]
 
 DAMPING_MODES = ("pi", "eigen")
 
@@ -147,6 +156,68 @@ class KroneckerBlock:
     def curvature_matvec(self, v: Tensor) -> Tensor:
         """:math:`(\\bar F_1 \\otimes \\dots)\\, v` with the running averages (quadratic model)."""
         return F.kronecker_matvec([f.to(v.dtype) for f in self.factors], v)
+
+
+class EKFACBlock(KroneckerBlock):
+    """Eigenvalue-corrected K-FAC (George et al. 2018): the factors' eigenbasis, a fitted diagonal.
+
+    The eigenbases :math:`Q_i` of the running-average factors are recomputed by
+    :meth:`update_inverse` (float64); the diagonal :math:`s` in that basis is
+    re-estimated from per-sample gradients by :meth:`update_scale` and
+    averaged like the factors.  When the basis changes, the running average is
+    carried over (:func:`~curvopt.optim.functional.kfe_carry_over`: the old
+    curvature's diagonal in the new basis).  Direction:
+    :math:`V = Q[(Q^\\top \\nabla) \\oslash (s + \\lambda)]Q^\\top`
+    (:func:`~curvopt.optim.functional.precondition_kfe`).  Until the first
+    estimate of :math:`s` the K-FAC eigenvalues :math:`d_G d_A^\\top` stand in.
+    """
+
+    def __init__(self, state: dict):
+        super().__init__(state, "eigen")
+
+    def update_inverse(self, damping: float) -> None:
+        old = self.state.get("eigenvectors")
+        super().update_inverse(damping)
+        self._carry_over(old)
+
+    def set_cache(self, tensors: Sequence[Tensor], damping: float,
+                  computed_here: bool = False) -> None:
+        old = self.state.get("eigenvectors")
+        super().set_cache(tensors, damping, computed_here)
+        if not computed_here:
+            self._carry_over(old)
+
+    def _carry_over(self, old: Sequence[Tensor] | None) -> None:
+        s = self.state.get("kfe_scale")
+        if s is None or old is None:
+            return
+        view = F.kronecker_dims(s.shape, self.state["eigenvectors"])
+        moved = F.kfe_carry_over(s.reshape(view), old, self.state["eigenvectors"])
+        self.state["kfe_scale"] = moved.reshape(s.shape)
+
+    def projected_sum(self, grad_batch: Tensor) -> Tensor:
+        """:math:`\\sum_n (Q^\\top g_n Q)^{\\odot2}` of ``grad_batch`` ``[N, *p.shape]``
+        (:func:`~curvopt.optim.functional.kfe_second_moment` with :math:`z = 1`)."""
+        s = F.kfe_second_moment(grad_batch.detach(), self.state["eigenvectors"], 1.0)
+        return s.reshape(grad_batch.shape[1:])
+
+    def update_scale(self, partial: Tensor, z, decay: float) -> None:
+        """:math:`s \\leftarrow \\varepsilon s + (1-\\varepsilon)\\, z \\cdot` ``partial``
+        (first estimate: copied); ``partial`` from :meth:`projected_sum` (summed over
+        ranks), :math:`z` the loss normalizer of the batch."""
+        self.state["kfe_scale"] = F.ema(self.state.get("kfe_scale"), partial * z, decay)
+        self.state["kfe_updates"] = self.state.get("kfe_updates", 0) + 1
+
+    def _scale(self) -> Tensor:
+        s = self.state.get("kfe_scale")
+        return s if s is not None else F.eigenvalue_products(self.state["eigenvalues"])
+
+    def multiply(self, grad: Tensor, damping: float) -> Tensor:
+        return F.precondition_kfe(grad, self.state["eigenvectors"], self._scale(), damping)
+
+    def curvature_matvec(self, v: Tensor) -> Tensor:
+        """:math:`Q\\,\\mathrm{diag}(s)\\,Q^\\top v` (the EKFAC curvature; quadratic model)."""
+        return F.kfe_matvec(v, self.state["eigenvectors"], self._scale())
 
 
 class DiagonalBlock:
