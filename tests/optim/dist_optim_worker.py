@@ -42,7 +42,8 @@ def make_optimizer(model, cfg):
         return DiagGGNAdam(model, nn.CrossEntropyLoss(reduction=cfg.get("reduction", "mean")),
                            lr=0.05, seed=7)
     return KFACOptimizer(model, nn.CrossEntropyLoss(), lr=0.1, damping=cfg.get("damping", 1e-2),
-                         curvature=cfg["curvature"], damping_mode=cfg.get("mode", "pi"),
+                         curvature=cfg["curvature"], damping_mode=cfg.get("mode"),
+                         eigen_correction=cfg.get("ekfac", False),
                          inverse_update_freq=cfg.get("ifreq", 2), momentum=0.5, seed=7,
                          kl_clip=cfg.get("kl_clip", 1e-2))
 

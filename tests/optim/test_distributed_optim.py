@@ -111,6 +111,18 @@ def test_ddp_eigen_two_ranks_match_one_process(tmp_path):
     assert all(o["inverses"] > 0 for o in outs)
 
 
+def test_ekfac_unequal_shards_match_one_process(tmp_path):
+    # EKFAC: per-rank sums of projected per-sample gradients and loss normalizers are
+    # all-reduced; the eigenbases are sharded (the non-owner carries its diagonal over too)
+    cfg = dict(curvature="kflr", N=9, steps=5, ekfac=True, ifreq=2)
+    outs = _spawn(2, tmp_path, cfg)
+    ref = W.train(cfg)
+    for out in outs:
+        _assert_same(out["params"], ref["params"])
+    _assert_same(outs[0]["params"], outs[1]["params"], tol=0.0)
+    assert all(o["inverses"] > 0 for o in outs)
+
+
 def test_diag_ggn_adam_sum_loss_unequal_shards_match_one_process(tmp_path):
     # the base class: gradients of a plain model averaged by the optimizer (sum loss: added)
     cfg = dict(optimizer="diag_ggn_adam", reduction="sum", N=9, steps=4)
