@@ -59,6 +59,34 @@ class KFACOptimizer(CurvatureOptimizer):
     ``damping_mode="eigen"`` replaces the π-damped inverses by the exact
     damped inverse in the factors' eigenbasis,
     :math:`V = Q_G[(Q_G^\\top \\nabla_W Q_A) \\oslash (d_G d_A^\\top + \\lambda)]Q_A^\\top`.
+    ``eigen_correction=True`` is **EKFAC** (George, Laurent, Bouthillier, Ballas &
+    Vincent 2018, "Fast Approximate Natural Gradient Descent in a Kronecker-factored
+    Eigenbasis"): the same eigenbases :math:`Q_G, Q_A` (recomputed every :math:`T_i`
+    steps, float64), but the diagonal re-estimated on every factor-update step from the
+    per-sample gradients :math:`g_n = f\\nabla\\ell_n` (the engine's ``grad_batch``, ``f``
+    the loss's ``1/z``), projected into the eigenbasis, and averaged like the factors:
+
+    .. math::
+        \\bar s \\leftarrow \\varepsilon \\bar s + (1-\\varepsilon)\\,
+            z\\sum_n \\big(Q_G^\\top g_n Q_A\\big)^{\\odot 2}, \\qquad
+        V = Q_G\\big[(Q_G^\\top \\nabla_W Q_A) \\oslash (\\bar s + \\lambda)\\big]Q_A^\\top .
+
+    :math:`\\bar s` is the exact diagonal of the curvature in that basis (the best
+    diagonal there in Frobenius norm, where K-FAC's :math:`d_G d_A^\\top` is not);
+    with several rows per sample (sequences, convolution positions) :math:`g_n` sums
+    them (exact per-sample gradients).  When the eigenbasis is recomputed,
+    :math:`\\bar s` is carried over as the old curvature's diagonal in the new basis,
+    :math:`(P_G^{\\odot2})\\,\\bar s\\,(P_A^{\\odot2})^\\top`, :math:`P = Q_{new}^\\top Q_{old}`.
+    Works for grouped factors, ``[A, G]``-ordered ones (Hugging Face ``Conv1D``) and
+    single-factor blocks (biases).  The per-sample gradients come from the loss's real
+    targets, so :math:`\\bar s` is the *empirical* Fisher's diagonal while the basis is
+    that of ``curvature``'s factors: measured, it took fewer steps than K-FAC on
+    digits MLPs (30 against 37 on 64-128-128-10, 11 against 17 on 64-32-10) but more
+    on least squares, where the empirical Fisher vanishes with the residuals.  Cost per
+    factor update: ``grad_batch`` (``[N, out, in]``) and two products per sample,
+    :math:`N(d_G^2 d_A + d_G d_A^2)`.  ``damping_mode`` must be left unset (or
+    ``"eigen"``).
+
     Biases (factor ``[G]``) and other single-factor blocks use
     :math:`(\\bar G + \\lambda I)^{-1}`.  Factors with a leading group
     dimension (grouped convolutions: ``G: [g, C_out/g, C_out/g]``) are one
@@ -118,7 +146,9 @@ class KFACOptimizer(CurvatureOptimizer):
         factor_update_freq: :math:`T_f`; the statistics are computed only on
             these steps (other steps are plain backward passes).
         inverse_update_freq: :math:`T_i`.
-        damping_mode: ``"pi"`` or ``"eigen"``.
+        damping_mode: ``"pi"`` (default) or ``"eigen"`` (default with ``eigen_correction``).
+        eigen_correction: EKFAC (see above): the eigenbasis diagonal fitted to per-sample
+            gradients instead of K-FAC's eigenvalue products.
         kl_clip: :math:`\\kappa`, or ``None`` for no clipping.  The default
             ``1e-2`` was chosen by measurement: on mini-batch digits MLPs it
             reached target losses in 2-3x fewer steps than ``1e-3`` (the value of
@@ -146,7 +176,8 @@ class KFACOptimizer(CurvatureOptimizer):
     computed them (``"kfac"``/``"kflr"``/``"kfra"``, ...), ``factors``
     (running averages), ``factor_updates``, ``inverses`` or
     ``eigenvectors``/``eigenvalues``, ``inverse_damping``,
-    ``inverse_updates``, ``momentum_buffer``; diagonal blocks: ``diag_avg``.
+    ``inverse_updates``, ``momentum_buffer``; EKFAC: ``kfe_scale`` (:math:`\\bar s`,
+    shaped like the parameter), ``kfe_updates``; diagonal blocks: ``diag_avg``.
     """
 
     def __init__(
