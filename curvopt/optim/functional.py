@@ -99,7 +99,7 @@ def momentum(buffer: Tensor | None, direction: Tensor, mu: float) -> Tensor:
     """
     if buffer is None:
         return direction.clone()
-    return mu * buffer + direction
+    return torch.add(direction, buffer, alpha=mu)  # one kernel, a new tensor
 
 
 # ================================================================ Kronecker-factored blocks

@@ -121,6 +121,7 @@ def test_per_group_damping_and_momentum_are_used():
         m2,
         LOSS,
         damping=1e-3,
+        momentum=0.0,
         params=[
             {"params": list(m2[0].parameters()), "damping": 1e-1, "momentum": 0.5},
             {"params": list(m2[2].parameters())},

@@ -105,38 +105,43 @@ def test_first_rescaling_and_update_match_oracle(reduction):
 
 
 def test_running_average_and_carry_over_to_a_new_basis():
-    """Step 2 averages in the old basis; step 3 moves the average to the new basis first."""
+    """Factors and eigenbasis every T_f = 2 steps, the diagonal every step (per-step decay
+    ε^(1/T_f)); when the basis changes the average moves to it first."""
     model = tiny_mlp(1)
     loss_fn = nn.CrossEntropyLoss()
-    data = batches(3, N=5, seed=4)
-    eps = 0.7
+    data = batches(4, N=5, seed=4)
+    eps, Tf = 0.7, 2
     m = copy.deepcopy(model)
-    opt = make(m, loss_fn, factor_decay=eps, inverse_update_freq=2, lr=0.1)
+    opt = make(m, loss_fn, factor_decay=eps, factor_update_freq=Tf, inverse_update_freq=Tf,
+               lr=0.1)
     avg, s, Q = {}, {}, {}
     ref = tiny_mlp(1)  # the oracles' copy of the current weights (no optimizer hooks)
     for t, (X, y) in enumerate(data, 1):
         ref.load_state_dict(m.state_dict())
-        raw = dict(zip(m.parameters(), kflr_factors(ref, X, y, loss_fn).values(), strict=True))
         gr, f = sample_grads(ref, X, y, loss_fn)
         g = dict(zip(m.parameters(), gr.values(), strict=True))
-        for p in m.parameters():
-            avg[p] = raw[p] if t == 1 else [eps * a + (1 - eps) * r
-                                            for a, r in zip(avg[p], raw[p], strict=True)]
-            if t in (1, 3):  # eigenbasis recomputed (inverse_update_freq=2)
+        if t % Tf == 1:  # factors and eigenbasis (steps 1, 3)
+            kf = kflr_factors(ref, X, y, loss_fn).values()
+            for p, r in zip(m.parameters(), kf, strict=True):
+                avg[p] = r if t == 1 else [eps * a + (1 - eps) * b
+                                           for a, b in zip(avg[p], r, strict=True)]
                 Qn = eigenvectors(avg[p])
                 if p in s:  # the old curvature's diagonal in the new basis, densely
                     C = ekfac_matrix(Q[p], s[p])
                     Qk = Qn[0] if len(Qn) == 1 else torch.kron(*Qn)
                     s[p] = torch.diagonal(Qk.T @ C @ Qk).reshape(p.shape)
                 Q[p] = Qn
+        for p in m.parameters():
             new = oracle_scale(g[p], Q[p], f)
-            s[p] = new if t == 1 else eps * s[p] + (1 - eps) * new
+            s[p] = new if t == 1 else eps ** (1 / Tf) * s[p] + (1 - eps ** (1 / Tf)) * new
         opt.zero_grad()
         loss_fn(m(X), y).backward()
         opt.step()
         for p in m.parameters():
             torch.testing.assert_close(opt.state[p]["kfe_scale"], s[p], **TOL)
-    assert opt.state[m[0].weight]["kfe_updates"] == 3
+            assert "grad_batch" not in opt.state[p]
+    st = opt.state[m[0].weight]
+    assert (st["kfe_updates"], st["factor_updates"], st["inverse_updates"]) == (4, 2, 2)
     opt.close()
 
 

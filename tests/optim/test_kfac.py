@@ -144,7 +144,8 @@ def test_kfac_matches_reference(name):
 
 def test_schedule_requests_statistics_only_when_due():
     m, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
-    opt = KFACOptimizer(m, loss_fn, curvature="kfac", mc_samples=2, factor_update_freq=3)
+    opt = KFACOptimizer(m, loss_fn, curvature="kfac", mc_samples=2, factor_update_freq=3,
+                        momentum=0.0)
     seen = []
     for X, y in batches(6, N=6):
         seen.append(tuple(type(e).__name__ for e in opt.collector.extensions))
@@ -197,7 +198,8 @@ def test_base_optimizer_receives_preconditioned_gradient():
     model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
     data = batches(4, N=6)
     m1, m2 = copy.deepcopy(model), copy.deepcopy(model)
-    o1 = KFACOptimizer(m1, loss_fn, lr=0.3, damping=1e-2, curvature="kflr", kl_clip=1e-2)
+    o1 = KFACOptimizer(m1, loss_fn, lr=0.3, damping=1e-2, curvature="kflr", kl_clip=1e-2,
+                       momentum=0.0)
     o2 = KFACOptimizer(
         m2,
         loss_fn,
@@ -298,6 +300,8 @@ def test_adaptive_damping_shrinks_on_a_quadratic():
         damping=1.0,
         curvature="kflr",
         kl_clip=None,
+        momentum=0.0,
+        factor_update_freq=1,
         inverse_update_freq=1,
         damping_mode="eigen",
         adaptive_damping=True,
@@ -314,7 +318,7 @@ def test_adaptive_damping_shrinks_on_a_quadratic():
     # 2.5 Newton steps overshoot: the loss rises, ρ < 1/4, and λ grows by 1/decay
     m.reset_parameters()
     opt = KFACOptimizer(m, loss_fn, lr=2.5, damping=1e-3, curvature="kflr", kl_clip=None,
-                        damping_mode="eigen", adaptive_damping=True,
+                        momentum=0.0, damping_mode="eigen", adaptive_damping=True,
                         damping_adaptation_interval=1, damping_adaptation_decay=0.5)
     losses = train(opt, m, loss_fn, [(X, Y)] * 2, closure=True)
     assert losses[1] > losses[0]
