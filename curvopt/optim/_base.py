@@ -394,8 +394,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         defaults: per-group hyperparameters (``torch.optim`` convention).
         params: parameters or parameter groups (``[{"params": ..., "lr": ...}]``) of
             ``model``; default: ``[p for p in model.parameters() if p.requires_grad]``.
-        track: extra quantities to compute every step and store in
-            ``state[p]``: ``"all"`` (all ten) or a list of extension
+        track: extra quantities to compute every step (every :attr:`track_every` steps)
+            and store in ``state[p]``: ``"all"`` (all ten) or a list of extension
             instances/classes/names.  Default: only what the update needs.
         seed: seed of the private MC streams.
 
@@ -451,6 +451,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         #: ``"auto"``: average the gradients over ranks in ``step()`` unless the model is
         #: ``DistributedDataParallel`` (which does); ``True``/``False``: always/never.
         self.sync_gradients: bool | str = "auto"
+        self._track_every = 1
         self._take_over()
         self._closed = False
         self._handles = [
@@ -716,9 +717,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return
         if self._trainable_signature() != self._trainable:
             self._attach()  # parameters were (un)frozen: hook what is trainable now
-        exts = _merge(self._extensions_for_step(self._global_step + 1), self.track)
+        step = self._global_step + 1
+        track = self.track if step % self._track_every == 0 else ()
+        exts = _merge(self._extensions_for_step(step), track)
         self._collector.extensions = exts
         self._collector.only = self._only(exts)
+
+    @property
+    def track_every(self) -> int:
+        """``track`` is computed on the steps ``t`` (1-based) with ``t % track_every == 0``
+        only: a training loop that logs every k steps need not pay for them in between."""
+        return self._track_every
+
+    @track_every.setter
+    def track_every(self, k: int) -> None:
+        if int(k) != k or k < 1:
+            raise ValueError(f"track_every must be a positive integer, got {k}")
+        self._track_every = int(k)
+        self._schedule()
 
     @property
     def collector(self):

@@ -169,6 +169,22 @@ def test_track_all_fills_the_ten_keys(name):
     opt.close()
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_track_every_computes_the_tracked_quantities_on_those_steps_only(name):
+    m = tiny_mlp(0)
+    opt = FACTORIES[name](m, LOSS, track=["batch_l2"])
+    opt.track_every = 3
+    seen = []
+    for X, y in batches(6, N=6):
+        seen.append("batch_l2" in {e.savefield for e in opt.collector.extensions})
+        train(opt, m, LOSS, [(X, y)])
+    assert seen == [False, False, True, False, False, True]
+    assert opt.state[m[0].weight]["batch_l2"].shape == (6,)
+    with pytest.raises(ValueError, match="track_every"):
+        opt.track_every = 0
+    opt.close()
+
+
 def test_track_accepts_names_classes_and_instances():
     m = tiny_mlp(0)
     opt = VarianceAdaptiveSGD(m, LOSS, track=["batch_l2", BatchGrad, "DiagGGNExact"])
