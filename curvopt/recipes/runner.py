@@ -177,9 +177,8 @@ def _evaluate(built: Built) -> dict[str, float | None]:
     model.eval()
     with torch.no_grad():
         out = model(data.x_test)
-        loss = float(torch.nn.functional.cross_entropy(out, data.y_test)
-                     if data.task == "classification"
-                     else torch.nn.functional.mse_loss(out, data.y_test))
+        loss = float(torch.nn.functional.mse_loss(out, data.y_test) if data.task == "regression"
+                     else torch.nn.functional.cross_entropy(out, data.y_test))
         acc = (float((out.argmax(1) == data.y_test).float().mean())
                if data.task == "classification" else None)
     model.train()
