@@ -329,7 +329,7 @@ def _hf_gpt2(config: ModelConfig, vocab_size: int, block_size: int) -> nn.Module
         vocab_size=vocab_size, n_positions=block_size, n_embd=config.d_model,
         n_layer=config.n_layers, n_head=config.n_heads, n_inner=config.mlp_ratio * config.d_model,
         activation_function=_HF_ACTIVATIONS[act], resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, tie_word_embeddings=False)
+        attn_pdrop=0.0, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
     return HFCausalLM(transformers.GPT2LMHeadModel(gpt2))
 
 
