@@ -48,7 +48,11 @@ import copy
 import inspect
 import json
 import os
+import queue
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -101,7 +105,7 @@ class LanguageModel(nn.Module):
 def _hf_model(name: str) -> nn.Module:
     import transformers as T
 
-    common = dict(vocab_size=128)
+    common = dict(vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if name == "gpt2":
         cfg = T.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=32, resid_pdrop=0.0,
                            embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, **common)
@@ -163,7 +167,8 @@ def quantity_step(problem: C.Problem, name: str):
     return step
 
 
-def optimizer_block(problem: C.Problem, name: str, model: nn.Module, steps: int):
+def optimizer_steps(problem: C.Problem, name: str, model: nn.Module):
+    """``run(k)``: ``k`` training steps of optimizer ``name`` (or SGD) on ``model``."""
     import curvopt
 
     X, y, loss_fn = problem.X, problem.y, problem.loss_fn
@@ -172,33 +177,55 @@ def optimizer_block(problem: C.Problem, name: str, model: nn.Module, steps: int)
     else:
         opt = getattr(curvopt, name)(model, loss_fn, lr=1e-5)
 
-    def block():
-        for _ in range(steps):
+    def run(k: int = 1):
+        for _ in range(k):
             opt.zero_grad(set_to_none=True)
             loss_fn(model(X), y).backward()
             opt.step()
 
-    block._opt = opt  # keep the optimizer (and its hooks) alive
-    return block
+    run._opt = opt  # keep the optimizer (and its hooks) alive
+    return run
 
 
 def measure_row(model_name: str, row: str, args) -> dict:
-    """One configuration: ``measure_config`` of the row against its unit, or its error."""
+    """One configuration against its unit (``_common``'s method), or its error.
+
+    The first call is timed alone (and gives the peak memory); when the remaining calls
+    would take more than half the row's budget, the result is that one call's ratio to
+    the unit (``single_call``: it includes one-off costs, so it overstates a little).
+    """
     try:
         torch.manual_seed(0)
         problem = make_problem(model_name, seed=args.seed)
         pristine = copy.deepcopy(problem.model)
-        if row in (SGD, *OPTIMIZERS):
-            base = optimizer_block(problem, SGD, copy.deepcopy(pristine), args.block)
-            fn = optimizer_block(problem, row, problem.model, args.block)
+        k = args.block if row in (SGD, *OPTIMIZERS) else 1
+        if k > 1:
+            base = optimizer_steps(problem, SGD, copy.deepcopy(pristine))
+            fn = optimizer_steps(problem, row, problem.model)
         else:
-            base = C.plain_step(problem, copy.deepcopy(pristine))
-            fn = (C.plain_step(problem, copy.deepcopy(pristine)) if row == PLAIN
-                  else quantity_step(problem, row))
-        res = C.measure_config(base, fn, repeats=args.repeats, warmup=args.warmup)
-        if row in (SGD, *OPTIMIZERS):
-            res["plain_s"] /= args.block
-            res["config_s"] /= args.block
+            plain = C.plain_step(problem, copy.deepcopy(pristine))
+            base = lambda k=1: plain()  # noqa: E731
+            one = (C.plain_step(problem, copy.deepcopy(pristine)) if row == PLAIN
+                   else quantity_step(problem, row))
+            fn = lambda k=1: one()  # noqa: E731
+        C.setup_threads()
+        base(1)
+        t = time.perf_counter()
+        base(1)
+        unit = time.perf_counter() - t
+        before = C.maxrss_mib()
+        t = time.perf_counter()
+        fn(1)  # optimizers: the first step also builds the state
+        first = time.perf_counter() - t
+        peak = C.maxrss_mib() - before
+        if first * k * (args.repeats + max(args.warmup - 1, 0)) > args.budget / 2:
+            return {"ratio": first / unit, "single_call": True, "plain_s": unit,
+                    "config_s": first, "peak_mib": peak}
+        res = C.time_interleaved(lambda: base(k), lambda: fn(k), repeats=args.repeats,
+                                 warmup=max(args.warmup - 1, 0))
+        res["plain_s"] /= k
+        res["config_s"] /= k
+        res["peak_mib"] = peak
         return res
     except Exception as e:  # report, don't crash the table
         traceback.print_exc()
@@ -206,24 +233,96 @@ def measure_row(model_name: str, row: str, args) -> dict:
         return {"error": type(e).__name__, "message": msg}
 
 
+ROW_TAG = "@@ROW@@ "
+
+
 def worker(args) -> int:
-    """Worker mode: one row (one tagged JSON result), or several rows of one model in this
-    process (``--quick``: one JSON ``{"rows": {row: result}}``)."""
+    """Worker mode: the rows of one model, each announced (ROW_TAG) and then reported (one
+    tagged JSON line), so the driver can stop one that overruns and keep the others."""
     warnings.simplefilter("ignore")
-    rows = args.row.split(",")
-    if len(rows) == 1:
-        C.emit_result(measure_row(args.model, rows[0], args))
-    else:
-        C.emit_result({"rows": {r: measure_row(args.model, r, args) for r in rows}})
+    for row in args.row.split(","):
+        print(ROW_TAG + row, flush=True)
+        C.emit_result({"row": row, **measure_row(args.model, row, args)})
     return 0
 
 
 # ----------------------------------------------------------------------------- driver
+def run_rows(model: str, rows: list, args) -> dict:
+    """Run ``rows`` of ``model`` in worker processes: one per row (default), or one for all
+    (``--quick``; a row past its budget is killed with its process and the rows after it go
+    on in a new one).  Returns ``{row: Outcome}``."""
+    out: dict = {}
+    todo = list(rows)
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    while todo:
+        batch = list(todo if args.quick else todo[:1])
+        reported = 0
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--model", model, "--row",
+               ",".join(batch), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+               "--block", str(args.block), "--seed", str(args.seed), "--budget", str(args.budget)]
+        with tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+            lines: queue.Queue = queue.Queue()
+            threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+            current, deadline = None, time.monotonic() + args.budget
+            while True:
+                try:
+                    line = lines.get(timeout=0.2)
+                except queue.Empty:
+                    line = ""
+                if line is None:
+                    break
+                if line.startswith(ROW_TAG):
+                    current, deadline = line[len(ROW_TAG):].strip(), time.monotonic() + args.budget
+                    t0 = time.monotonic()
+                    print(f"  {model:10s} {current:24s}", end="", file=sys.stderr, flush=True)
+                elif line.startswith(C.RESULT_TAG):
+                    d = json.loads(line[len(C.RESULT_TAG):])
+                    row = d.pop("row")
+                    o = (C.Outcome(False, d, note=d["error"]) if "error" in d else C.Outcome(True, d))
+                    _done(out, todo, row, o, t0)
+                    current, reported = None, reported + 1
+                reason = ""
+                if time.monotonic() > deadline:
+                    reason = f"did not finish (>{args.budget:.0f} s)"
+                elif C._rss_of(proc.pid) > args.mem_budget_gib:
+                    reason = f"did not finish (RSS >{args.mem_budget_gib:g} GiB)"
+                if reason:
+                    proc.kill()
+                    if current is None:  # still starting up
+                        current, t0 = todo[0], deadline - args.budget
+                    _done(out, todo, current, C.Outcome(False, note=reason), t0)
+                    reported += 1
+                    break
+            proc.wait()
+            if not reported:  # died before any result: the first row is to blame
+                err.seek(0)
+                tail = err.read().strip().splitlines()
+                _done(out, todo, batch[0], C.Outcome(False, note="failed: " + (
+                    tail[-1] if tail else f"exit code {proc.returncode}")), time.monotonic())
+    return out
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def _done(out, todo, row, o, t0):
+    out[row] = o
+    if row in todo:
+        todo.remove(row)
+    shown = f"{o.data['ratio']:.2f}" if o.ok else o.data.get("error", o.note)
+    print(f" {time.monotonic() - t0:6.1f}s  {shown}", file=sys.stderr, flush=True)
+
+
 def _cell(o: C.Outcome | None, notes: list) -> str:
     if o is None:
         return "—"
     if o.ok:
-        return f"{o.data['ratio']:.1f}"
+        return f"~{o.data['ratio']:.0f} (first call)" if o.data.get("single_call") \
+            else f"{o.data['ratio']:.1f}"
     if "message" in o.data:  # an exception inside the configuration: its class, a note
         note = f"{o.data['error']}: {o.data['message']}"
         if note not in notes:
@@ -271,7 +370,9 @@ def print_tables(models: list, outcomes: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default=",".join(MODELS), help="comma list of " + ",".join(MODELS))
+    ap.add_argument("--models", default=None,
+                    help="comma list of " + ",".join(MODELS) + " (default: all; --quick: "
+                         + ",".join(QUICK_MODELS) + ")")
     ap.add_argument("--rows", default=None, help="comma list of rows (default: all)")
     ap.add_argument("--repeats", type=int, default=7, help="timed interleaved pairs")
     ap.add_argument("--warmup", type=int, default=2)
@@ -292,8 +393,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.repeats, args.warmup = min(args.repeats, 2), min(args.warmup, 1)
         args.block = min(args.block, 3)
-        if args.models == ",".join(MODELS):
-            args.models = ",".join(QUICK_MODELS)
+    if args.models is None:
+        args.models = ",".join(QUICK_MODELS if args.quick else MODELS)
     if args.budget is None:
         args.budget = 60.0 if args.quick else 600.0
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -315,28 +416,8 @@ def main(argv=None) -> int:
           f"optimizers timed over blocks of {args.block} steps at lr=1e-5")
     print(f"- per-configuration budget {args.budget:.0f} s, {args.mem_budget_gib:g} GiB RSS\n")
     outcomes: dict = {}
-    script = os.path.abspath(__file__)
-    # one subprocess per configuration; --quick: one per model (saves ~1 s of start-up per row)
-    jobs = [(m, [r]) for m in models for r in rows] if not args.quick else [
-        (m, rows) for m in models]
-    for m, job_rows in jobs:
-        t0 = time.monotonic()
-        print(f"  {m:10s} {','.join(job_rows)[:40]:40s}", end="", file=sys.stderr, flush=True)
-        o = C.run_worker(sys.executable, script,
-                         ["--worker", "--model", m, "--row", ",".join(job_rows), "--repeats",
-                          str(args.repeats), "--warmup", str(args.warmup), "--block",
-                          str(args.block), "--seed", str(args.seed)],
-                         time_budget=args.budget * len(job_rows),
-                         mem_budget_gib=args.mem_budget_gib)
-        if o.ok and "rows" in o.data:
-            found = {r: (C.Outcome(False, d, note=d["error"]) if "error" in d
-                         else C.Outcome(True, d)) for r, d in o.data["rows"].items()}
-        else:
-            found = {r: o for r in job_rows}
-        outcomes.update({(m, r): found[r] for r in job_rows})
-        shown = ", ".join(f"{f.data['ratio']:.1f}" if f.ok else f.data.get("error", f.note)
-                          for f in found.values())
-        print(f" {time.monotonic() - t0:6.1f}s  {shown[:80]}", file=sys.stderr, flush=True)
+    for m in models:
+        outcomes.update({(m, r): o for r, o in run_rows(m, rows, args).items()})
     print_tables(models, outcomes)
     if args.json:
         with open(args.json, "w") as fh:
