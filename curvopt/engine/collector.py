@@ -809,8 +809,8 @@ def _check_batch(rec: Record, lay) -> None:
     """Refuse a call whose batch is not the model's: its rows are not samples (relative
     position ids ``[T, T]``), or a batch of one that was not broadcast over the batch."""
     N = rec.batch
-    if N is None or lay.N == N or (isinstance(rec.rule, FallbackRule) and lay.N != 1):
-        return  # (the generic rule reads the batch where the module keeps it)
+    if N is None or lay.N == N or (rec.rule.locates_batch and lay.N != 1):
+        return
     raise CollectError(
         f"layer '{rec.name}' was called on {lay.N} rows while the model's input has {N} "
         "samples: its inputs do not run along the batch (e.g. relative positions [T, T], or "

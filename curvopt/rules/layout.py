@@ -53,6 +53,9 @@ class Rule:
     #: closed form, ``(r @ W²) ⊙ φ'²`` (true for a plain Linear: each weight entry feeds
     #: one output feature per row).
     transports_diagonal = False
+    #: the rule finds the batch dimension itself (the generic rule, attention without
+    #: batch_first): its batch need not be the model input's leading dimension
+    locates_batch = False
 
     def layouts(self, module, args, kwargs, output) -> dict[str, Layout]:
         """Map each own parameter name of ``module`` to its :class:`Layout`."""
