@@ -253,6 +253,8 @@ class Collector:
         self.only: dict | None = None
         self._loss = None  # curvopt.losses.Loss of loss_fn, once a quantity needs it
         self._model_batch: int | None = None  # leading dimension of the model's first input
+        self._no_grad_yet: list = []
+        self._warned_unrecorded: set[str] = set()
         self._backwards = 0
         self._handles: list = []
         # Records of forward passes not yet reached by a backward.  A record and its graph
@@ -408,6 +410,9 @@ class Collector:
         if self._extensions and torch.is_grad_enabled() and not self._computing:
             x = next((a for a in (*args, *kwargs.values()) if torch.is_tensor(a) and a.dim()), None)
             self._model_batch = int(x.shape[0]) if x is not None else None
+            # parameters without a gradient yet: one that has one after the backward but no
+            # recorded call was used where curvopt cannot see it (_check_unrecorded)
+            self._no_grad_yet = [p for p in self._names if p.requires_grad and p.grad is None]
 
     def _rows_per_sample(self, o: Tensor) -> int:
         """Loss rows per model sample: ``T`` when the loss sees ``[N·T, ...]`` rows of ``N``
@@ -721,11 +726,30 @@ class Collector:
             self._grad_was_none = set()
             for r in recs:  # free captured tensors and the graph node
                 r.retire()
+        self._check_unrecorded()
         if self.set_attributes:
             for name, res in self.results.items():
                 p = self._param_by_name(name)
                 for k, v in res.items():
                     setattr(p, k, v)
+
+    def _check_unrecorded(self) -> None:
+        """Warn (once per parameter) about a parameter that received a gradient in this
+        backward but was not used in any call curvopt recorded: it has no quantities."""
+        missing = [self._names[p] for p in self._no_grad_yet
+                   if p.grad is not None and self._names[p] not in self.results
+                   and self._names[p] not in self._warned_unrecorded]
+        self._no_grad_yet = []
+        if missing and self._extensions:
+            self._warned_unrecorded.update(missing)
+            warnings.warn(
+                f"curvopt: parameter(s) {', '.join(missing)} received a gradient but were used "
+                "outside every module call curvopt records (e.g. a child module's weight used "
+                "via F.linear by its parent), so they have no quantities. Route their use "
+                "through the module that owns them.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _param_by_name(self, name):
         if self._by_name is None:
@@ -832,13 +856,14 @@ def _check_coverage(ctx: ParamContext) -> None:
     grad = ctx.fresh_grad
     if len(bounds) != 1:
         return
+    # round-off of the backward autograd ran (bfloat16 under autocast) or of p.grad
+    tol = max(round_off(grad.dtype), *(round_off(r.output.dtype) for r, _ in ctx.items))
     b = bounds[0]
     if isinstance(b, DenseBound):
-        if b.X.shape[2] != 1 or b.layout.transposed or b.matches_total(grad):
+        if b.X.shape[2] != 1 or b.layout.transposed or b.matches_total(grad, tol):
             return
     else:
         total = b.total().to(grad.dtype)
-        tol = round_off(grad.dtype)
         scale = float(total.abs().max()) if total.numel() else 0.0
         if scale == scale and torch.allclose(total, grad, rtol=tol, atol=tol * scale + 1e-30):
             return
