@@ -648,6 +648,7 @@ class Collector:
             loss=self._loss, output=lc.input, target=lc.target, grad_output=self._unscale(g),
             records=recs, boundaries=self._boundaries, requests=self._extensions,
             mc_generator=self.mc_generator, rows_per_sample=self._rows_per_sample(lc.input),
+            coupled=self._coupled,
             global_batch=(lambda: self._global_batch(lc.input.shape[0], lc.input.device))
             if self._dist_on() else None,
         )
