@@ -16,7 +16,15 @@ process group (gloo for CPU tensors, nccl for CUDA tensors when CUDA is
 available), trains on its shard of every batch, and rank 0 writes the outputs.
 
 Every recipe (and every ``--set``) is validated before any training starts; an
-invalid one exits with status 2 and one message naming the key at fault.
+invalid one exits with status 2 and one message naming the key at fault.  So is
+``--out``: curvopt writes only into a new folder, an empty one, or one it made
+itself (marked by a ``.curvopt-run`` file) that holds nothing else, and checks
+that it can write there before training.  ``metrics.jsonl`` is written while
+training, so a run stopped with Ctrl-C keeps its steps (a line says where).
+
+The command needs the ``[recipes]`` extra (scikit-learn, matplotlib, tqdm,
+torch-optimizer); without it, it says which package is missing and how to
+install it.
 """
 
 from __future__ import annotations
@@ -46,7 +54,8 @@ def make_parser() -> argparse.ArgumentParser:
     def training(p: argparse.ArgumentParser) -> None:
         common(p)
         p.add_argument("--out", metavar="DIR",
-                       help="output folder (default: runs/<name>); replaced atomically")
+                       help="output folder (default: runs/<name>); must be new, empty or an "
+                            "earlier curvopt output (then replaced once the run is done)")
         bar = p.add_mutually_exclusive_group()
         bar.add_argument("--progress", dest="progress", action="store_true", default=None,
                          help="always show the progress bar")
@@ -65,12 +74,15 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train several recipes; overlay them in one plot and table")
     p.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe files (TOML)")
     training(p)
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--target-acc", type=float, metavar="X",
-                        help="report steps until test accuracy >= X (default: each recipe's "
-                             "train.target_test_acc)")
-    target.add_argument("--target-loss", type=float, metavar="X",
-                        help="report steps until test loss <= X")
+    p.add_argument("--target-acc", type=float, metavar="X",
+                   help="report time and steps until test accuracy >= X (default: each "
+                        "recipe's train.target_test_acc / target_test_loss); runs are ranked "
+                        "by the time to the first target given")
+    p.add_argument("--target-loss", type=float, metavar="X",
+                   help="report time and steps until test loss <= X")
+    p.add_argument("--target-train-loss", type=float, metavar="X",
+                   help="report time and steps until the training loss (mean of the last 10 "
+                        "minibatches) <= X")
 
     p = sub.add_parser("stats", help="per-layer statistics of the ten quantities at a step")
     p.add_argument("recipe", help="a recipe file (TOML)")
@@ -158,14 +170,19 @@ def _init_distributed() -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from curvopt import recipes
-    from curvopt.recipes.runner import check_distributable, summary_table
+    from curvopt.recipes.output import check_out
+    from curvopt.recipes.runner import check_distributable, check_extras, default_out, summary_table
 
     config = recipes.load(args.recipe, args.overrides)
     if args.nproc < 1:
         raise recipes.RecipeError(f"--nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1 and _env_world() <= 1:
         check_distributable(config)
+        check_out(Path(args.out) if args.out else default_out([config.name]), config.name)
+        check_extras(config)
         return _launch(args.nproc, args.argv)
     joined = _init_distributed()
     try:
@@ -179,7 +196,8 @@ def _run(args: argparse.Namespace) -> int:
         print(summary_table([result]))
         for warning in result.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        print(f"wrote {out}/ (metrics.jsonl, curves.png, summary.json, recipe.toml)")
+        print(f"wrote {out}/ (metrics.jsonl, curves.png against steps and time, summary.json, "
+              "recipe.toml)")
         return 0
     finally:
         if joined:
@@ -199,12 +217,14 @@ def _compare(args: argparse.Namespace) -> int:
     configs = [recipes.load(path, args.overrides) for path in args.recipes]
     echo = None if args.quiet else print
     results, out = recipes.compare(configs, out=args.out, progress=args.progress, echo=echo,
-                                   target_acc=args.target_acc, target_loss=args.target_loss)
+                                   target_acc=args.target_acc, target_loss=args.target_loss,
+                                   target_train_loss=args.target_train_loss)
     print(summary_table(results))
     for result in results:
         for warning in result.warnings:
             print(f"warning: {result.summary['name']}: {warning}", file=sys.stderr)
-    print(f"wrote {out}/ (compare.png, summary.csv, summary.json, one folder per run)")
+    print(f"wrote {out}/ (compare.png against steps and time, summary.csv, summary.json, "
+          "one folder per run)")
     return 0
 
 
@@ -235,9 +255,11 @@ def _check(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``curvopt`` console script; returns the exit status.
 
-    0: done; 2: a bad command line or recipe (one message on stderr, nothing trained);
-    130: interrupted (no output folder left behind).
+    0: done; 1: a package of the ``[recipes]`` extra is missing (the message says what to
+    install); 2: a bad command line, recipe or ``--out`` (one message on stderr, nothing
+    trained); 130: interrupted (the steps done are kept; a line on stderr says where).
     """
+    from curvopt.recipes._extras import MissingExtraError
     from curvopt.recipes.schema import RecipeError
 
     try:
@@ -252,6 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RecipeError as err:
         print(f"curvopt {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except MissingExtraError as err:
+        print(f"curvopt {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("curvopt: interrupted", file=sys.stderr)
         return 130

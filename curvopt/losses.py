@@ -40,6 +40,9 @@ class Loss:
         self.module = module
         self.summed = module.reduction == "sum"
 
+    #: dimensions of a batched input (CrossEntropy: ``[N, C, d…]``)
+    min_dim = 1
+
     # -- the loss-specific maths, without the normalizer f ------------------------------
     def _sqrt_hessian(self, o: Tensor, y: Tensor) -> Tensor:
         """``[K, *o.shape]`` with :math:`\\sum_k s_k s_k^\\top = H` (unnormalized)."""
@@ -59,8 +62,11 @@ class Loss:
         return o.new_tensor(1.0) if self.summed else self._count(o.detach(), y)
 
     def sqrt_hessian(self, o: Tensor, y: Tensor) -> Tensor:
-        """Exact square root columns ``[K, *o.shape]`` with :math:`\\sum_k s_k s_k^\\top = f H`."""
-        o = o.detach()
+        """Exact square root columns ``[K, *o.shape]`` with :math:`\\sum_k s_k s_k^\\top = f H`.
+
+        Computed in float32 or wider (autocast's low-precision logits are upcast).
+        """
+        o = _wide(o)
         return self._sqrt_hessian(o, y) * self.normalizer(o, y).rsqrt()
 
     def sample(self, o: Tensor, y: Tensor, mc_samples: int,
@@ -71,7 +77,7 @@ class Loss:
         :math:`\\tilde y_m` drawn from the likelihood the loss is the negative log of,
         using ``generator`` (torch's global RNG when ``None``).
         """
-        o = o.detach()
+        o = _wide(o)
         f = self.normalizer(o, y) * mc_samples
         return self._sample(o, y, mc_samples, generator) * f.rsqrt()
 
@@ -79,6 +85,11 @@ class Loss:
         """:math:`f \\sum_n H_n` as a dense ``[D, D]`` matrix (D = per-sample output size), for KFRA."""
         S = self.sqrt_hessian(o, y).flatten(2)  # [K, N, D]
         return torch.einsum("knd,kne->de", S, S)
+
+
+def _wide(o: Tensor) -> Tensor:
+    o = o.detach()
+    return o.to(torch.promote_types(o.dtype, torch.float32))
 
 
 def _onehot_columns(o: Tensor) -> Tensor:
@@ -158,6 +169,8 @@ class CrossEntropy(Loss):
     ``ω`` (``[N, d…]``) carries the target's class weight and zero for ignored targets;
     the normalizer is their sum (torch's), or the position count for probability targets.
     """
+
+    min_dim = 2
 
     def _probs(self, o):
         return torch.softmax(o, dim=1)

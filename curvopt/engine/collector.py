@@ -39,11 +39,12 @@ from ..quantities.base import (
     ParamContext,
     Record,
     send_columns,
-    torch_dtype_tol,
 )
 from ..quantities.first_order import release_buffers
-from ..rules.layout import DenseBound
-from . import distributed
+from ..rules.fallback import FallbackRule
+from ..rules.layout import DenseBound, round_off
+from ..rules.param_use import ParamUseRule
+from . import distributed, graph
 
 __all__ = ["Collector", "collect", "release_buffers"]
 
@@ -81,6 +82,35 @@ def _weak(obj, method: str, *bound):
     return hook
 
 
+def _weak_pre(obj, rec):
+    """A node pre-hook (``grad_outputs -> None``) calling ``obj._grad_hook(rec, grad)``."""
+    ref = weakref.ref(obj)
+
+    def hook(grad_outputs):
+        o = ref()
+        if o is not None and grad_outputs[0] is not None:
+            o._grad_hook(rec, grad_outputs[0])
+
+    return hook
+
+
+def _expand(x, N):
+    if torch.is_tensor(x) and x.dim() and x.shape[0] == 1:
+        return x.expand(N, *x.shape[1:])
+    return x
+
+
+def _tensors(x) -> list:
+    """Every tensor in a (nested) output or argument structure (dicts, ModelOutputs, ...)."""
+    if torch.is_tensor(x):
+        return [x]
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    return []
+
+
 def _first_tensor(out):
     if torch.is_tensor(out):
         return out
@@ -91,8 +121,56 @@ def _first_tensor(out):
     return None
 
 
-def _detach_all(xs):
-    return tuple(x.detach() if torch.is_tensor(x) else x for x in xs)
+def _detach(x, dtype):
+    """A captured input: detached, floating tensors in the statistics' dtype."""
+    if not torch.is_tensor(x):
+        return x
+    x = x.detach()
+    return x.to(dtype) if x.is_floating_point() else x
+
+
+def _detach_all(xs, dtype):
+    return tuple(_detach(x, dtype) for x in xs)
+
+
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    """float32, or the parameters' dtype where it is wider: statistics of a bfloat16 model
+    or of autocast's low-precision activations are computed and summed in float32."""
+    dt = torch.float32
+    for p in module.parameters():
+        if p.is_floating_point():
+            dt = torch.promote_types(dt, p.dtype)
+    return dt
+
+
+def _to_dtype(value, dtype):
+    """A result in the parameter's dtype (computed in float32 or wider)."""
+    if torch.is_tensor(value):
+        return value if value.dtype == dtype else value.to(dtype)
+    if isinstance(value, list) and any(t.dtype != dtype for t in value):
+        return value.like([t.to(dtype) for t in value]) if hasattr(value, "like") else [
+            t.to(dtype) for t in value]
+    return value
+
+
+def _no_autocast(device):
+    """The engine's own arithmetic runs outside autocast (float32 statistics)."""
+    if device is None:
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast(device.type, enabled=False)
+
+
+def _refuse_compiled(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        compiled = getattr(m, "_compiled_call_impl", None) is not None
+        if compiled or type(m).__name__ == "OptimizedModule":
+            where = f"'{name}'" if name else "the model"
+            raise CollectError(
+                f"{where} is compiled (torch.compile): curvopt's hooks capture each layer's "
+                "call in eager mode, which compiled graphs do not run. Give curvopt (and "
+                "run) the uncompiled module, e.g. model._orig_mod for torch.compile(model), "
+                "or compile only parameter-free parts of the model."
+            )
 
 
 class Collector:
@@ -113,6 +191,22 @@ class Collector:
         gather: under ``torch.distributed``, also concatenate ``grad_batch`` and
             ``batch_l2`` over ranks (by default they stay on their rank, rescaled to
             the global loss).
+        batch_coupling: ``"error"`` (default): a layer that mixes the samples of the batch
+            (BatchNorm in train mode) raises, since per-sample quantities are not defined;
+            ``"rows"``: every quantity treats the rows of what flows back through the
+            coupled graph as samples (the K-FAC practice of kfac-pytorch and kfac-jax):
+            ``grad_batch[n]`` is row n's part of the gradient (they still sum to
+            ``p.grad``), the GGN diagonals and Kronecker factors use the loss-Hessian
+            columns backpropagated through the coupled graph, row by row; KFRA and
+            DiagHessian, which need per-sample Jacobians, raise.
+        accumulate: ``False`` (default): each backward pass replaces the results.
+            ``True``: the backward passes since the last :meth:`reset` are micro-batches
+            of one batch (gradient accumulation: ``(loss / k).backward()`` k times, or a
+            sum loss): :attr:`results` describe their union exactly as one backward over
+            the concatenated batch would (per-sample quantities concatenated; every
+            other quantity re-normalized with the union's loss normalizer).  Use with
+            ``loss_scaling="unscale"`` when the loss is divided by ``k`` after the loss
+            module.  KFRA refuses a second micro-batch.
         loss_scaling: what to do when the loss module's output is multiplied by a
             factor ``s`` before backward (``d total / d loss = s``): ``"warn"``
             (default; first-order quantities follow the scaled loss, curvature the loss
@@ -125,7 +219,8 @@ class Collector:
     """
 
     def __init__(self, model: nn.Module, loss_fn=None, extensions=(), set_attributes=True,
-                 distributed="auto", gather=False, single_backward=False, loss_scaling="warn"):
+                 distributed="auto", gather=False, single_backward=False, loss_scaling="warn",
+                 batch_coupling="error", accumulate=False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"collect: model must be an nn.Module, got {type(model).__name__}")
         if loss_scaling not in ("warn", "unscale"):
@@ -137,6 +232,16 @@ class Collector:
         self.gather = gather
         self.single_backward = single_backward
         self.loss_scaling = loss_scaling
+        if batch_coupling not in ("error", "rows"):
+            raise ValueError(f"collect: batch_coupling must be 'error' or 'rows', got {batch_coupling!r}")
+        self.batch_coupling = batch_coupling
+        self._coupled = False  # a layer coupled the samples of the running forward pass
+        #: names of the layers that coupled the samples of a batch so far (batch_coupling="rows")
+        self.coupled_layers: set[str] = set()
+        self.accumulate = accumulate
+        self._union: dict = {}  # (param name, savefield) -> (quantity, additive state)
+        self._union_z = self._union_n = 0.0  # the union's loss normalizer and sample count
+        self._normalizer_local = None  # this backward's loss normalizer (accumulation)
         #: ``d total / d (loss module output)`` of the last backward (1.0 when unscaled).
         self.loss_scale = 1.0
         #: ``None`` (MC targets from torch's global RNG) or ``device -> torch.Generator``:
@@ -147,6 +252,9 @@ class Collector:
         #: Kronecker factors for some parameters and diagonals for others).
         self.only: dict | None = None
         self._loss = None  # curvopt.losses.Loss of loss_fn, once a quantity needs it
+        self._model_batch: int | None = None  # leading dimension of the model's first input
+        self._no_grad_yet: list = []
+        self._warned_unrecorded: set[str] = set()
         self._backwards = 0
         self._handles: list = []
         # Records of forward passes not yet reached by a backward.  A record and its graph
@@ -165,6 +273,8 @@ class Collector:
         # True while curvopt itself re-runs modules (the generic rule's torch.func calls).
         self._computing = False
         self.results: dict[str, dict] = {}
+        #: samples the results describe (all ranks'; every micro-batch's with ``accumulate``)
+        self.samples: int | None = None
         self._names = {}
         for n, p in model.named_parameters():
             self._names.setdefault(p, n)
@@ -216,6 +326,9 @@ class Collector:
                 "collect: this model already has an active curvopt collector (nested "
                 "collect, or an optimizer of curvopt holding one). Exit the other first."
             )
+        _refuse_compiled(self.model)
+        self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook,
+                                                                  with_kwargs=True))
         covered: list[str] = []  # modules whose whole subtree a generic rule handles
         for name, module in self.model.named_modules():
             if any(c == "" or name.startswith(c + ".") for c in covered):
@@ -225,6 +338,12 @@ class Collector:
                 # e.g. BatchNorm in train mode: checked before the forward, parameters or not
                 self._handles.append(module.register_forward_pre_hook(
                     self._call_check(registered, name)))
+            own = rules.container_params(module)
+            if own is not None:  # children keep their rules; the container's own parameters
+                if own:
+                    self._handles.append(module.register_forward_hook(
+                        self._container_hook(name, own), with_kwargs=True))
+                continue
             rule = rules.hooked(module)
             if rule is None:
                 if not any(True for _ in module.children()):
@@ -237,6 +356,7 @@ class Collector:
                 module.register_forward_hook(self._forward_hook(name, rule), with_kwargs=True)
             )
         if isinstance(self.loss_fn, nn.Module):
+            self._handles.append(self.loss_fn.register_forward_pre_hook(self._loss_pre_hook))
             self._handles.append(self.loss_fn.register_forward_hook(self._loss_hook))
         _ACTIVE.add(self.model)
         return self
@@ -258,6 +378,15 @@ class Collector:
         self._boundaries.clear()
         self._loss_calls.clear()
         self._loss_seen = self._queued = self._nested = self._computing = False
+        self._loss_arg = None
+        self._coupled = False
+
+    def _recover(self) -> None:
+        """A forward pass starts: if the last backward was aborted (an exception or an
+        interrupt inside backward: its end-of-backward callback never ran), forget its
+        state, so that the next iteration works as if it had never started."""
+        if (self._queued or self._loss_seen) and torch._C._current_graph_task_id() == -1:
+            self._reset()
 
     def __enter__(self):
         return self.attach()
@@ -269,10 +398,29 @@ class Collector:
     # ----------------------------------------------------------------------------- hooks
     def _call_check(self, rule, name):
         def hook(module, args):
-            if self._extensions and torch.is_grad_enabled():
-                rule.check(module, name)
+            if self._extensions and torch.is_grad_enabled() and not self._computing:
+                if rule.check(module, name, self.batch_coupling):
+                    self._coupled = True
+                    self.coupled_layers.add(name)
 
         return hook
+
+    def _model_pre_hook(self, module, args, kwargs):
+        # The model's batch size: the leading dimension of its first tensor input.
+        if self._extensions and torch.is_grad_enabled() and not self._computing:
+            x = next((a for a in (*args, *kwargs.values()) if torch.is_tensor(a) and a.dim()), None)
+            self._model_batch = int(x.shape[0]) if x is not None else None
+            # parameters without a gradient yet: one that has one after the backward but no
+            # recorded call was used where curvopt cannot see it (_check_unrecorded)
+            self._no_grad_yet = [p for p in self._names if p.requires_grad and p.grad is None]
+
+    def _rows_per_sample(self, o: Tensor) -> int:
+        """Loss rows per model sample: ``T`` when the loss sees ``[N·T, ...]`` rows of ``N``
+        samples (sample-major, as ``logits.reshape(-1, V)``), else 1."""
+        N = self._model_batch
+        if N and o.shape[0] != N and o.shape[0] % N == 0:
+            return o.shape[0] // N
+        return 1
 
     def _boundary_hook(self, name):
         def hook(module, args, output):  # noqa: D401 - forward hook
@@ -282,7 +430,7 @@ class Collector:
                 self._order += 1
                 self._boundaries.append(
                     Boundary(name, get_gradient_edge(output), tuple(output.shape), self._order,
-                             module, _in_edge(args))
+                             module, _in_edge(args), output.dtype)
                 )
 
         return hook
@@ -293,23 +441,73 @@ class Collector:
                 return
             out = _first_tensor(output)
             if out is None or not out.requires_grad:
+                return None
+            self._recover()
+            N = self._model_batch
+            if (N is not None and N > 1 and out is output and out.dim() and out.shape[0] == 1
+                    and not isinstance(rule, FallbackRule)):
+                # A call on a batch of one whose result is broadcast over the batch later
+                # (position embeddings on position ids [1, T]): the per-sample information
+                # exists only after the broadcast, so the call's output is expanded to the
+                # batch here (a view: no copy) and the rule sees the call on every sample.
+                out = output = out.expand(N, *out.shape[1:])
+                args = tuple(_expand(a, N) for a in args)
+                kwargs = {k: _expand(v, N) for k, v in kwargs.items()}
+            dt = _compute_dtype(module)
+            self._record(Record(
+                name=name, module=module, rule=rule, args=_detach_all(args, dt),
+                kwargs={k: _detach(v, dt) for k, v in kwargs.items()},
+                output=out.detach(), edge=get_gradient_edge(out), order=0,
+                in_edge=_in_edge(args) if self._wants_in_edges else None, dtype=dt,
+            ), rec_params=list(module.parameters()))
+            out.register_hook(_weak(self, "_grad_hook", self._pending[-1]))
+            return output
+
+        return hook
+
+    def _record(self, rec: Record, rec_params) -> None:
+        self._order += 1
+        rec.order = self._order
+        rec.batch = self._model_batch
+        # Parameters without a gradient now will hold exactly this backward's gradient:
+        # Variance reuses it, and _check_coverage compares it with the recorded uses.
+        for p in rec_params:
+            if p.grad is None:
+                self._grad_was_none.add(id(p))
+            else:
+                self._grad_was_none.discard(id(p))
+        self._pending.append(rec)
+
+    def _container_hook(self, name, own: list[str]):
+        """A container's own parameters: a record at the operation that broadcasts each
+        over the batch (:mod:`curvopt.engine.graph`), the generic rule for the others."""
+        def hook(module, args, kwargs, output):
+            if not self._extensions or not torch.is_grad_enabled() or self._computing:
                 return
-            self._order += 1
-            rec = Record(
-                name=name, module=module, rule=rule, args=_detach_all(args),
-                kwargs={k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()},
-                output=out.detach(), edge=get_gradient_edge(out), order=self._order,
-                in_edge=_in_edge(args) if self._wants_in_edges else None,
-            )
-            # Parameters without a gradient now will hold exactly this backward's gradient:
-            # Variance reuses it, and _check_coverage compares it with the recorded uses.
-            for p in rec.module.parameters():
-                if p.grad is None:
-                    self._grad_was_none.add(id(p))
-                else:
-                    self._grad_was_none.discard(id(p))
-            self._pending.append(rec)
-            out.register_hook(_weak(self, "_grad_hook", rec))
+            outs = _tensors(output)
+            if not any(t.requires_grad for t in outs) or self._model_batch is None:
+                return
+            self._recover()
+            params = {n: module._parameters[n] for n in own}
+            found, unsupported = graph.find_uses(outs, [*_tensors(args), *_tensors(kwargs)],
+                                                 params, self._model_batch)
+            for use, edge in found:
+                dt = torch.promote_types(params[use.name].dtype, torch.float32)
+                rec = Record(name=f"{name}.{use.name}" if name else use.name, module=module,
+                             rule=ParamUseRule(use), args=(), kwargs={},
+                             output=torch.empty((), dtype=dt, device=outs[0].device).expand(use.O),
+                             edge=edge, dtype=dt)
+                self._record(rec, [params[use.name]])
+                edge.node.register_prehook(_weak_pre(self, rec))
+            if unsupported:  # read by the generic rule, differentiating these parameters only
+                out = next(t for t in outs if t.requires_grad)
+                dt = _compute_dtype(module)
+                rec = Record(name=name, module=module, rule=FallbackRule(frozenset(unsupported)),
+                             args=_detach_all(args, dt),
+                             kwargs={k: _detach(v, dt) for k, v in kwargs.items()},
+                             output=out.detach(), edge=get_gradient_edge(out), dtype=dt)
+                self._record(rec, [params[n] for n in unsupported])
+                out.register_hook(_weak(self, "_grad_hook", rec))
 
         return hook
 
@@ -328,13 +526,13 @@ class Collector:
                 "inside collect (retain_graph and a second backward?). Quantities are "
                 "computed once per forward+backward: run a new forward before each backward."
             )
-        if self.single_backward and self._backwards:
+        if self.single_backward and self._backwards and not self.accumulate:
             raise CollectError(
                 "a second backward pass inside one `with curvopt.collect(...)` block: the "
                 "results of the first would be overwritten. Use one collect block per "
                 "forward+backward, or a long-lived curvopt.Collector for a training loop."
             )
-        rec.grad = g.detach()
+        rec.grad = g.detach().to(rec.dtype)
         self._queue()
 
     def _queue(self):
@@ -342,18 +540,44 @@ class Collector:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
 
+    def _loss_pre_hook(self, module, args):
+        # Each loss call gets its own alias of the model output, so that the hooks of a
+        # call whose result is not backpropagated (a loss computed for logging) never fire.
+        self._loss_arg = None
+        if not self._extensions or not torch.is_grad_enabled() or self._computing:
+            return None
+        o = args[0] if args else None
+        if not (torch.is_tensor(o) and o.requires_grad) or not self._pending:
+            return None
+        alias = o.view_as(o)
+        self._loss_arg = (alias, o)
+        return (alias, *args[1:])
+
     def _loss_hook(self, module, args, output):
         if not self._extensions or not torch.is_grad_enabled() or self._computing:
             return
-        o = args[0]
-        if not (torch.is_tensor(o) and o.requires_grad):
+        alias = args[0] if args else None
+        if self._loss_arg is None or self._loss_arg[0] is not alias:
+            # The pre-hook did not alias this call: the loss module is shared with another
+            # model (or collector) that ran no hooked forward since the last backward.
             return
-        if not self._pending:
-            # This model ran no hooked forward since the last backward: the loss module is
-            # shared with another model (or collector), and this call is not ours.
-            return
+        o = self._loss_arg[1]
+        self._loss_arg = None
+        self._recover()
+        min_dim = self._loss.min_dim if self._loss is not None else 1
+        if o.dim() < min_dim or o.shape[0] == 0:
+            raise CollectError(
+                f"the loss input has shape {tuple(o.shape)}: curvopt needs a batch with at "
+                "least one sample along dimension 0 (unbatched inputs: add one with "
+                "x.unsqueeze(0); skip empty batches in the loop)."
+            )
         lc = LossCall(module, o, args[1].detach() if len(args) > 1 else None, output)
         self._loss_calls.append(lc)
+        if self.accumulate and lc.target is not None:
+            try:
+                self._normalizer_local = losses.of(module).normalizer(o, lc.target)
+            except UnsupportedLossError:
+                self._normalizer_local = None
         if _dist.active() and lc.target is not None and getattr(module, "reduction", "") == "mean":
             try:
                 self._normalizer = losses.of(module).normalizer(o, lc.target)
@@ -362,7 +586,7 @@ class Collector:
         self.loss_scale = 1.0
         if output.requires_grad:
             output.register_hook(_weak(self, "_loss_output_hook"))
-        o.register_hook(_weak(self, "_loss_input_hook", lc))
+        alias.register_hook(_weak(self, "_loss_input_hook", lc))
 
     def _loss_output_hook(self, g):
         if self._nested or g.numel() != 1:
@@ -404,16 +628,34 @@ class Collector:
         recs = [r for r in self._pending if not r.done]
         if not recs:
             return
+        if not bool(torch.isfinite(lc.input).all()):
+            raise CollectError(
+                "the model output entering the loss contains NaN or inf, so its curvature "
+                "is undefined (no quantity of this backward pass is computed). Check the "
+                "inputs for non-finite values and the learning rate; curvopt's optimizers "
+                "skip such steps by themselves."
+            )
+        if self._coupled:
+            bad = [type(e).__name__ for e in self._extensions if isinstance(e, (KFRA, DiagHessian))]
+            if bad:
+                raise CollectError(
+                    f"{', '.join(bad)} need(s) per-sample Jacobians, which a layer that mixes "
+                    "the samples of the batch (BatchNorm in train mode) does not have, also "
+                    "with batch_coupling='rows'. Use model.eval() for these quantities, or "
+                    "the GGN quantities (DiagGGNExact, KFLR, KFAC)."
+                )
         ctx = BackwardContext(
             loss=self._loss, output=lc.input, target=lc.target, grad_output=self._unscale(g),
             records=recs, boundaries=self._boundaries, requests=self._extensions,
-            mc_generator=self.mc_generator,
+            mc_generator=self.mc_generator, rows_per_sample=self._rows_per_sample(lc.input),
+            coupled=self._coupled,
             global_batch=(lambda: self._global_batch(lc.input.shape[0], lc.input.device))
             if self._dist_on() else None,
         )
         self._nested = True
         try:
-            send_columns(ctx)
+            with _no_autocast(lc.input.device):
+                send_columns(ctx)
         finally:
             self._nested = False
 
@@ -426,6 +668,8 @@ class Collector:
         return distributed.GlobalBatch.of(n_local, device, self._normalizer, summed)
 
     def _finalize(self):
+        loss_seen = self._loss_seen
+        self._coupled = False
         self._queued = False
         self._loss_seen = False
         self._backwards += 1
@@ -443,6 +687,24 @@ class Collector:
         for r in recs:
             r.done = True
             r.grad = self._unscale(r.grad)
+        if recs and not loss_seen and any(e.needs_loss for e in self._extensions):
+            for r in recs:
+                r.retire()
+            raise CollectError(
+                "this backward pass reached the model without passing through the loss "
+                f"module given to curvopt ({type(self.loss_fn).__name__} object at "
+                f"{id(self.loss_fn):#x}), so curvature quantities have no loss Hessian: call "
+                "that very loss module in the loop (not F.cross_entropy or a second "
+                "instance), as loss = loss_fn(model(X), y)."
+            )
+        empty = [r.name for r in recs if r.output.numel() == 0]
+        if empty:
+            for r in recs:
+                r.retire()
+            raise CollectError(
+                f"layer(s) {', '.join(empty)} received an empty batch; skip empty batches "
+                "in the loop (there is nothing to compute per sample)."
+            )
         bad = [r.name for r in recs if not torch.isfinite(r.grad).all()]
         if bad:
             # Checked on the (small) layer-output gradients, not on the (large) results.
@@ -458,17 +720,37 @@ class Collector:
         self.results = {}
         self._computing = True
         try:
-            self.results = self._compute(recs)
+            with _no_autocast(recs[0].output.device if recs else None):
+                self.results = self._compute(recs)
         finally:
             self._computing = False
             self._grad_was_none = set()
             for r in recs:  # free captured tensors and the graph node
                 r.retire()
+        self._check_unrecorded()
         if self.set_attributes:
             for name, res in self.results.items():
                 p = self._param_by_name(name)
                 for k, v in res.items():
                     setattr(p, k, v)
+
+    def _check_unrecorded(self) -> None:
+        """Warn (once per parameter) about a parameter that received a gradient in this
+        backward but was not used in any call curvopt recorded: it has no quantities."""
+        missing = [self._names[p] for p in self._no_grad_yet
+                   if p.grad is not None and self._names[p] not in self.results
+                   and self._names[p] not in self._warned_unrecorded]
+        self._no_grad_yet = []
+        if missing and self._extensions:
+            self._warned_unrecorded.update(missing)
+            warnings.warn(
+                f"curvopt: parameter(s) {', '.join(missing)} received a gradient but were used "
+                "outside every module call curvopt records (e.g. a child module's weight used "
+                "via F.linear by its parent), so they have no quantities. Route their use "
+                "through the module that owns them.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _param_by_name(self, name):
         if self._by_name is None:
@@ -486,6 +768,7 @@ class Collector:
         per_param: dict[nn.Parameter, list] = {}
         for r in recs:
             for lay in r.layouts().values():
+                _check_batch(r, lay)
                 per_param.setdefault(lay.param, []).append((r, lay))
         dist_on = self._dist_on()
         out: dict[str, dict] = {}
@@ -498,18 +781,68 @@ class Collector:
             ctx = ParamContext(p, name, items, fresh_grad=self._unscale(p.grad) if fresh else None)
             res = {}
             for q in self._requests_for(p):
-                value = q.compute(ctx)
+                value = _to_dtype(q.compute(ctx), p.dtype)
                 if value is not None:
                     res[q.savefield] = value
                     jobs.append((name, q, ctx))
             if fresh:
                 _check_coverage(ctx)
             out[name] = res
+        gb = None
+        if recs:
+            self.samples = next(iter(recs[0].layouts().values())).N
         if dist_on and recs:
-            n_local = next(iter(recs[0].layouts().values())).N
-            gb = self._global_batch(n_local, recs[0].output.device)
+            gb = self._global_batch(self.samples, recs[0].output.device)
             distributed.reduce_results(out, jobs, gb, self.gather)
+            self.samples = gb.n_global
+        if self.accumulate and recs:
+            out = self._accumulate(out, jobs, recs, gb)
         return out
+
+    def _accumulate(self, out, jobs, recs, gb) -> dict:
+        """Fold this backward's results into the union of the micro-batches since
+        :meth:`reset` (see ``accumulate``) and return the union's results."""
+        summed = self.loss_fn is not None and getattr(self.loss_fn, "reduction", "mean") == "sum"
+        n = self.samples
+        z = float(self._normalizer_local) if self._normalizer_local is not None else float(n)
+        if gb is not None:  # the results describe the global batch: its normalizer
+            z = z / gb.rho
+        z = 1.0 if summed else z
+        self._normalizer_local = None
+        for name, q, ctx in jobs:
+            state = q.unnormalize(out[name][q.savefield], ctx, z, n)
+            key = (name, q.savefield)
+            if key in self._union:
+                state = q.merge(self._union[key][1], state)
+            self._union[key] = (q, state)
+        self._union_n += n
+        self._union_z = 1.0 if summed else self._union_z + z
+        self.samples = int(self._union_n)
+        union: dict[str, dict] = {}
+        for (name, field), (q, state) in self._union.items():
+            union.setdefault(name, {})[field] = q.normalize(state, self._union_z, self._union_n)
+        return union
+
+    def reset(self) -> None:
+        """Start a new union of micro-batches (``accumulate=True``): the next backward
+        pass is the first of the next batch."""
+        self._union = {}
+        self._union_z = self._union_n = 0.0
+
+
+def _check_batch(rec: Record, lay) -> None:
+    """Refuse a call whose batch is not the model's: its rows are not samples (relative
+    position ids ``[T, T]``), or a batch of one that was not broadcast over the batch."""
+    N = rec.batch
+    if N is None or lay.N == N or (rec.rule.locates_batch and lay.N != 1):
+        return
+    raise CollectError(
+        f"layer '{rec.name}' was called on {lay.N} rows while the model's input has {N} "
+        "samples: its inputs do not run along the batch (e.g. relative positions [T, T], or "
+        "a batch of one used without broadcasting), so per-sample and curvature quantities "
+        f"of '{rec.name}' are not defined. Freeze its parameters (requires_grad_(False)) or "
+        "call it on per-sample inputs."
+    )
 
 
 def _check_coverage(ctx: ParamContext) -> None:
@@ -524,13 +857,14 @@ def _check_coverage(ctx: ParamContext) -> None:
     grad = ctx.fresh_grad
     if len(bounds) != 1:
         return
+    # round-off of the backward autograd ran (bfloat16 under autocast) or of p.grad
+    tol = max(round_off(grad.dtype), *(round_off(r.output.dtype) for r, _ in ctx.items))
     b = bounds[0]
     if isinstance(b, DenseBound):
-        if b.X.shape[2] != 1 or b.layout.transposed or b.matches_total(grad):
+        if b.X.shape[2] != 1 or b.layout.transposed or b.matches_total(grad, tol):
             return
     else:
-        total = b.total()
-        tol = torch_dtype_tol(total.dtype)
+        total = b.total().to(grad.dtype)
         scale = float(total.abs().max()) if total.numel() else 0.0
         if scale == scale and torch.allclose(total, grad, rtol=tol, atol=tol * scale + 1e-30):
             return
@@ -548,7 +882,8 @@ def _check_coverage(ctx: ParamContext) -> None:
 
 @contextmanager
 def collect(model: nn.Module, loss_fn=None, *extensions: Quantity, set_attributes: bool = True,
-            distributed="auto", gather: bool = False):
+            distributed="auto", gather: bool = False, batch_coupling: str = "error",
+            loss_scaling: str = "warn", accumulate: bool = False):
     """Compute ``extensions`` during the backward passes inside the ``with`` block.
 
     .. code-block:: python
@@ -559,14 +894,19 @@ def collect(model: nn.Module, loss_fn=None, *extensions: Quantity, set_attribute
 
     Hooks are installed on entry and all removed on exit, also when the body
     raises.  One backward pass per block: a second raises :class:`CollectError`
-    (use a :class:`Collector` for a loop).  ``loss_fn`` may be ``None`` when only first-order quantities are
-    requested.  Yields the :class:`Collector` (``.results`` keyed by parameter name).
+    (use a :class:`Collector` for a loop), unless ``accumulate=True``: then the
+    backward passes of the block are micro-batches of one batch, and the results
+    describe their union (see :class:`Collector`).  ``loss_fn`` may be ``None`` when only
+    first-order quantities are requested.  Yields the :class:`Collector` (``.results``
+    keyed by parameter name).
     """
     if isinstance(loss_fn, Quantity):
         extensions = (loss_fn, *extensions)
         loss_fn = None
     col = Collector(model, loss_fn, extensions, set_attributes=set_attributes,
-                    distributed=distributed, gather=gather, single_backward=True)
+                    distributed=distributed, gather=gather, single_backward=True,
+                    batch_coupling=batch_coupling, loss_scaling=loss_scaling,
+                    accumulate=accumulate)
     col.attach()
     try:
         yield col

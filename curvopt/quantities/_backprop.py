@@ -51,13 +51,14 @@ def send_back(output, recs, columns, store: Callable) -> None:
     every record the columns reach."""
     if not recs:
         return
+    columns = columns.to(output.dtype if torch.is_tensor(output) else columns.dtype)
     res = grads(output, [r.edge for r in recs], columns, _batched_ok(recs))
     for r, g in zip(recs, res):
         if g is None:
             continue
         if isinstance(g, list):
             g = torch.stack([torch.zeros_like(r.output) if x is None else x for x in g])
-        store(r, g)
+        store(r, g.to(r.dtype))  # float32 (or wider) even for low-precision activations
 
 
 def diagonal(ctx, pick, weights: Callable | None = None):
@@ -90,9 +91,10 @@ def kronecker(ctx, pick) -> Factors | None:
     if len(bounds) == 1:
         b = bounds[0]
         if isinstance(b, DenseBound):
-            # ConvTranspose as BackPACK: [G (C_out²), Ω ((C_in·k…)²)], a Kronecker
-            # approximation of the GGN w.r.t. weight.transpose(0, 1).
-            return Factors.of([b.kron_G(), b.kron_A()], (LOSS, BATCH))
+            # In the layout's kron_order: [G, A] (Linear, Conv; ConvTranspose as BackPACK,
+            # [G, Ω] of weight.transpose(0, 1)) or [A, G] (HF Conv1D, weight [in, out]).
+            fs, order = b.kron_factors()
+            return Factors.of(fs, [LOSS if r == "G" else BATCH for r in order])
         if isinstance(b, ElementwiseBound) and b.Xhat is None:
             return Factors.of([b.kron_G()], (LOSS,))
         if isinstance(b, EmbeddingBound):
@@ -111,3 +113,19 @@ def sync_factors(value: Factors, gb):
     """Kronecker factors over ranks: loss-scaled ones ``Σ ρ_r q_r``, batch averages ``Σ w_r q_r``."""
     parts = [f * (gb.rho if s == LOSS else gb.w) for f, s in zip(value, value.scaling)]
     return parts, value.like
+
+
+class KroneckerQuantity:
+    """Micro-batches of Kronecker factors: loss-scaled factors ``Σ q z / Z``, batch
+    averages ``Σ q n / N`` (mixed into the quantity classes that return :class:`Factors`)."""
+
+    def unnormalize(self, value, ctx, z, n):
+        return value.like([f * (z if s == LOSS else n) for f, s in zip(value, value.scaling)])
+
+    def merge(self, a, b):
+        if len(a) != len(b) or a.scaling != b.scaling:
+            raise ValueError("Kronecker factors of different structure cannot be merged")
+        return a.like([x + y for x, y in zip(a, b)])
+
+    def normalize(self, state, Z, N):
+        return state.like([f / (Z if s == LOSS else N) for f, s in zip(state, state.scaling)])

@@ -77,6 +77,27 @@ class Quantity:
         gives the global batch's value.  Default: linear in the loss, ``Σ_r ρ_r q_r``."""
         return [value * gb.rho], lambda parts: parts[0]
 
+    # -- micro-batches (gradient accumulation) -------------------------------------------
+    #: how the value depends on the loss normalizer ``f = 1/z``: ``1`` (linear in the loss:
+    #: GGN diagonals) or ``2`` (sums of squared per-sample gradients); per-sample values
+    #: (``per_sample = True``) are concatenated over micro-batches instead of summed.
+    power: ClassVar[int] = 1
+    per_sample: ClassVar[bool] = False
+
+    def unnormalize(self, value, ctx: ParamContext, z: float, n: int):
+        r"""One micro-batch's ``value`` (normalizer ``z``, ``n`` samples) as an additive
+        state, independent of the normalization: :math:`q\,z^{p}`."""
+        return value * z**self.power
+
+    def merge(self, a, b):
+        """Two micro-batches' states combined (the union of their samples)."""
+        return torch.cat([a, b]) if self.per_sample else a + b
+
+    def normalize(self, state, Z: float, N: int):
+        """The union's value from its state (normalizer ``Z``, ``N`` samples): exactly what
+        one backward over the concatenated batch gives."""
+        return state / Z**self.power
+
 
 # -------------------------------------------------------------------- captured calls
 @dataclass(eq=False)
@@ -113,6 +134,8 @@ class Record:
     order: int = 0  #: position among the recorded module outputs of the forward pass
     in_edge: object = None  #: gradient edge of the module's input (KFRA/DiagHessian fast paths)
     grad: Tensor | None = None  #: the gradient autograd delivered at the output
+    dtype: torch.dtype = torch.float32  #: captured tensors and columns are kept in this dtype
+    batch: int | None = None  #: the model's batch size when the call was recorded
     done: bool = False
     columns: Columns = field(default_factory=Columns)
     _layouts: dict | None = None
@@ -142,6 +165,7 @@ class Boundary:
     order: int
     module: nn.Module = None
     in_edge: object = None  #: gradient edge of the module's input (None: no gradient)
+    dtype: torch.dtype = torch.float32  #: dtype of the output (columns sent from it match)
 
 
 # ---------------------------------------------------------------------------- contexts
@@ -159,6 +183,10 @@ class BackwardContext:
     mc_generator: Callable | None = None
     #: under torch.distributed: ``() -> GlobalBatch`` (collectives: every rank calls it)
     global_batch: Callable[[], GlobalBatch] | None = None
+    #: loss rows per model sample (``logits.reshape(-1, V)`` of ``[N, T, V]``: ``T``)
+    rows_per_sample: int = 1
+    #: a layer coupled the samples (batch_coupling="rows"): exact columns per sample
+    coupled: bool = False
 
     def kinds(self) -> set[tuple]:
         return set().union(*(q.columns() for q in self.requests)) if self.requests else set()
@@ -198,11 +226,6 @@ class ParamContext:
         """Bound to the gradient (``K = 1``), cached."""
         return self.cached("grad_bounds", lambda: concat(
             [lay.bind(r.grad.unsqueeze(0)) for r, lay in self.items]))
-
-
-def torch_dtype_tol(dtype: torch.dtype) -> float:
-    """Relative round-off tolerance of numerical self-checks in ``dtype``."""
-    return 1e-4 if dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
 
 
 # ----------------------------------------------------------------------- column senders

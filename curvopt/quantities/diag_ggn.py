@@ -13,13 +13,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._backprop import diagonal, kronecker, send_back, sync_factors
+import torch
+
+from ._backprop import KroneckerQuantity, diagonal, kronecker, send_back, sync_factors
 from .base import EXACT, Quantity, mc, sender
 
 
 @sender("exact")
 def _send_exact(ctx, kinds):
-    S = ctx.loss.sqrt_hessian(ctx.output, ctx.target)
+    S = per_sample_columns(ctx.loss.sqrt_hessian(ctx.output, ctx.target), ctx.rows_per_sample)
+    if ctx.coupled:
+        S = isolated_columns(S, ctx.output.shape[0] // ctx.rows_per_sample)
     send_back(ctx.output, ctx.records, S, lambda r, g: setattr(r.columns, "exact", g))
 
 
@@ -30,6 +34,36 @@ def _send_mc(ctx, kinds):
     for _, M in sorted(kinds):
         S = ctx.loss.sample(o, ctx.target, M, gen)
         send_back(o, ctx.records, S, lambda r, g, M=M: r.columns.mc.__setitem__(M, g))
+
+
+def per_sample_columns(S, T: int):
+    """``[K, N·T, *c]`` columns of a loss whose ``N·T`` rows are ``T`` rows of each of the
+    model's ``N`` samples (sample-major: ``logits.reshape(-1, V)``) -> ``[K·T, N·T, *c]``
+    columns that are nonzero at one row per sample.
+
+    The rows' Hessians are independent; a column spanning a sample's ``T`` rows would add
+    cross terms between them once backpropagated into that sample's layers.
+    """
+    if T == 1:
+        return S
+    K, R = S.shape[:2]
+    S = S.reshape(K, 1, R // T, T, *S.shape[2:])
+    eye = torch.eye(T, dtype=S.dtype, device=S.device).reshape(1, T, 1, T, *[1] * (S.dim() - 4))
+    return (S * eye).reshape(K * T, R, *S.shape[4:])
+
+
+def isolated_columns(S, N: int):
+    """``[K, N·T, *c]`` -> ``[K·N, N·T, *c]``: each column restricted to one sample's rows.
+
+    A column shared by all samples is exact only while every sample's layers see their own
+    sample alone: through a layer that couples the batch (train-mode BatchNorm) the cross
+    products of different samples' roots would enter.  Isolated, the rows-as-samples GGN
+    :math:`\\sum_n J_{z_n}^\\top [J^\\top H J]_{nn} J_{z_n}` is exact, at ``N`` times the columns.
+    """
+    K, R = S.shape[:2]
+    S = S.reshape(K, 1, N, R // N, *S.shape[2:])
+    eye = torch.eye(N, dtype=S.dtype, device=S.device).reshape(1, N, N, *[1] * (S.dim() - 3))
+    return (S * eye).reshape(K * N, R, *S.shape[4:])
 
 
 def exact_diagonal(ctx):
@@ -95,7 +129,7 @@ class DiagGGNMC(Quantity):
 
 
 @dataclass(frozen=True)
-class KFAC(Quantity):
+class KFAC(KroneckerQuantity, Quantity):
     """Kronecker-factored GGN with Monte-Carlo loss Hessian, ``kfac`` (list of factors).
 
     Factors in row-major order (BackPACK's): weight of Linear/Conv:
@@ -128,7 +162,7 @@ class KFAC(Quantity):
 
 
 @dataclass(frozen=True)
-class KFLR(Quantity):
+class KFLR(KroneckerQuantity, Quantity):
     """Kronecker factors like :class:`KFAC` but from the exact loss Hessian square root, ``kflr``.
 
     Botev, Ritter & Barber (2017), extended to convolutions as Grosse & Martens (2016).

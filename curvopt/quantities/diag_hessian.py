@@ -82,6 +82,15 @@ def _pow(node, x):
     return e * (e - 1) * x ** (e - 2)
 
 
+def _hardswish(node, x):  # x·relu6(x+3)/6: quadratic x(x+3)/6 on (-3, 3), linear outside
+    return ((x > -3) & (x < 3)).to(x.dtype) / 3
+
+
+def _mish(node, x):  # x·tanh(softplus(x)); t' = (1-t²)σ
+    s, t = torch.sigmoid(x), torch.tanh(F.softplus(x))
+    return (1 - t * t) * s * (2 + x * (1 - s - 2 * t * s))
+
+
 #: node name -> (saved tensor attribute, φ'' from it)
 SMOOTH = {
     "SigmoidBackward0": ("_saved_result", lambda n, s: _sig2(s)),
@@ -95,9 +104,12 @@ SMOOTH = {
     "ExpBackward0": ("_saved_result", lambda n, y: y),
     "LogBackward0": ("_saved_self", lambda n, x: -1 / (x * x)),
     "PowBackward0": ("_saved_self", _pow),
+    "HardswishBackward0": ("_saved_self", _hardswish),
+    "MishBackward0": ("_saved_self", _mish),
 }
 
-#: Linear or piecewise-linear in every input that carries a gradient.
+#: Linear or piecewise-linear in every input that carries a gradient (ReLU6 and Hardtanh
+#: are HardtanhBackward0; Hardsigmoid is relu6(x+3)/6).
 LINEAR = {
     "AddmmBackward0", "MmBackward0", "MvBackward0", "BmmBackward0", "AddBackward0",
     "SubBackward0", "NegBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
@@ -119,7 +131,7 @@ LINEAR = {
     "FlipBackward0", "RollBackward0", "IndexSelectBackward0", "GatherBackward0",
     "PixelShuffleBackward0", "UpsampleNearest2DBackward0", "CopySlices", "ToCopyBackward0",
     "ViewAsRealBackward0", "MaxBackward0", "MaxBackward1", "MinBackward1", "AmaxBackward0",
-    "ConvolutionBackwardBackward0", "LinearBackward0",
+    "ConvolutionBackwardBackward0", "LinearBackward0", "HardsigmoidBackward0",
 }
 #: nodes that are bilinear: nonlinear (and non-elementwise) when two inputs carry a gradient
 BILINEAR = {"MulBackward0", "DivBackward0", "BmmBackward0", "MmBackward0", "MvBackward0",
@@ -190,6 +202,13 @@ def find_smooth(root, skip=()):
         elif name in NORMS:
             if inputs[0]:
                 smooth.append(n)
+        elif name in ("NativeBatchNormBackward0", "CudnnBatchNormBackward0") and inputs[0] \
+                and getattr(n, "_saved_training", False):
+            raise UnsupportedModuleError(
+                "DiagHessian: batch normalization with the statistics of the current batch "
+                "(train mode) is nonlinear in the batch and couples its samples; curvopt does "
+                "not add its residual. Use model.eval(), or DiagGGNExact."
+            )
         elif name not in LINEAR:
             raise UnsupportedModuleError(
                 f"DiagHessian: operation {name} acts on parameter-dependent values and its "
@@ -239,6 +258,8 @@ def propagate(ctx, kinds):
         else:
             attr, d2 = SMOOTH[name]
             r_m = d2(node, getattr(node, attr).detach()) * gb  # [N, *a]
+        edge_dtype = gb.dtype  # columns sent from the node's input match its dtype
+        r_m = r_m.to(torch.promote_types(r_m.dtype, torch.float32))
         # The diagonal part Σ_k r_k (∂a_k/∂θ)²: closed forms where the Jacobian from the
         # activation input to a layer output has one term per entry, columns elsewhere.
         handled = _diagonal_fast_paths(src, r_m, by_edge)
@@ -253,7 +274,7 @@ def propagate(ctx, kinds):
                 f"needs {D} backward passes (limit {MAX_RESIDUAL_ELEMENTS}). Use DiagGGNExact, "
                 "or a piecewise-linear activation."
             )
-        eye = torch.eye(D, dtype=r_m.dtype, device=r_m.device)
+        eye = torch.eye(D, dtype=edge_dtype, device=r_m.device)
         E = eye.reshape(D, 1, *r_m.shape[1:]).expand(D, *r_m.shape)
         send_back(src, rest, E, _store_residual(k, r_m.reshape(N, D).T.contiguous()))
         k += 1
@@ -293,9 +314,10 @@ def _diagonal_fast_paths(src, r, by_edge) -> set:
     # norm whose parameters are shared across the positions that Linear mixes.
     if below is None or not _diag_ok(below) or not below.rule.transports_diagonal:
         return handled
-    ones = torch.ones(below.output.shape, dtype=r.dtype, device=r.device)
     # φ' at the lower layer's output: one backward through the elementwise node alone
-    (d,) = torch.autograd.grad(e, below.edge, ones.new_ones(rec.args[0].shape), retain_graph=True)
+    (d,) = torch.autograd.grad(e, below.edge, torch.ones(rec.args[0].shape, dtype=below.output.dtype,
+                                                         device=r.device), retain_graph=True)
+    d = d.to(r.dtype)
     W2 = rec.module.weight.detach().to(r.dtype).pow(2)
     below.columns.add_diag_residual((r @ W2) * d.pow(2))
     handled.add(below)

@@ -100,6 +100,7 @@ class BatchGrad(Quantity):
     """
 
     savefield = "grad_batch"
+    per_sample = True
 
     def compute(self, ctx):
         gb = _per_sample(ctx)
@@ -122,6 +123,7 @@ class SumGradSquared(Quantity):
     """
 
     savefield = "sum_grad_squared"
+    power = 2
 
     def compute(self, ctx):
         return _sum_sq(ctx)
@@ -156,6 +158,16 @@ class Variance(Quantity):
 
         return [_sum_sq(ctx) * gb.rho**2, _total(ctx) * gb.rho], finish
 
+    def unnormalize(self, value, ctx, z, n):  # the second moment and the total, unscaled
+        return (_sum_sq(ctx) * z**2, _total(ctx) * z)
+
+    def merge(self, a, b):
+        return (a[0] + b[0], a[1] + b[1])
+
+    def normalize(self, state, Z, N):
+        sgs, total = state[0] / Z**2, state[1] / Z
+        return (sgs / N).addcmul_(total, total, value=-1.0 / N**2).clamp_min_(0)
+
 
 @dataclass(frozen=True)
 class BatchL2Grad(Quantity):
@@ -169,6 +181,7 @@ class BatchL2Grad(Quantity):
     """
 
     savefield = "batch_l2"
+    per_sample, power = True, 2
 
     def compute(self, ctx):
         if _derive_from_per_sample(ctx):

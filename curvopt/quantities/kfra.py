@@ -36,7 +36,7 @@ from ..errors import UnsupportedModuleError
 from ..factors import BATCH, Factors
 from ..rules import activations
 from ..rules.layout import Dense, DenseBound, Elementwise
-from ._backprop import grads, kronecker, sync_factors
+from ._backprop import KroneckerQuantity, grads, kronecker, sync_factors
 from .base import KFRA_H, Quantity, sender
 
 #: KFRA stops (with a warning) above a layer whose dense H̄ is larger than this per side ...
@@ -59,6 +59,13 @@ def propagate(ctx, kinds):
     """H̄ at every recorded layer output (``record.columns.kfra_H``), top to bottom."""
     o, recs = ctx.output, ctx.records
     N = o.shape[0]
+    if ctx.rows_per_sample != 1:
+        raise UnsupportedModuleError(
+            f"KFRA: the loss sees {N} rows for {N // ctx.rows_per_sample} model samples "
+            "(logits reshaped to [N*T, C]); its per-sample output Hessian recursion is "
+            "defined on the model's own output shape. Apply the loss to [N, C, T] logits "
+            "(logits.transpose(1, 2)), or use KFLR/KFAC."
+        )
     if len({id(r.module) for r in recs}) != len(recs):
         raise UnsupportedModuleError(
             "KFRA: a layer is applied more than once in the forward pass; its recursion "
@@ -73,13 +80,14 @@ def propagate(ctx, kinds):
     if gb is not None:  # KFRA's recursion needs the global batch's H̄ at every step
         H = gb.loss_sum_(H)
     src, src_grad, src_name, src_shape, src_stop = o, ctx.grad_output, "the loss input", tuple(o.shape), None
+    src_dtype = o.dtype
     for i in reversed(range(len(stops))):
         b, g_true = stops[i], true[i]
         if g_true is None:
             continue
         D = int(torch.tensor(b.shape[1:]).prod()) if len(b.shape) > 1 else 1
         rank = H.shape[0]  # upper bound of the number of columns sent back
-        closed = _closed_step(src_stop, b, H, src, src_shape, N)
+        closed = _closed_step(src_stop, b, H, src, src_shape, src_dtype, N)
         cost = 0 if closed is not None else rank * N * D * D
         if D > MAX_KFRA_DIM or cost > MAX_KFRA_FLOPS:
             skipped = [x.name for x in recs if x.order <= b.order]
@@ -101,15 +109,16 @@ def propagate(ctx, kinds):
                 f"avoid {src_name} (a residual connection or a branch), so KFRA's module-by-"
                 "module recursion is not defined on this graph. Use KFLR or KFAC."
             )
-        H = closed if closed is not None else _columns_step(b, H, src, src_shape, N)
+        H = closed if closed is not None else _columns_step(b, H, src, src_shape, src_dtype, N)
         if gb is not None:
             H = gb.mean_(H)
         if hasattr(b, "columns"):  # a parameterized layer: G is read off H̄ at its output
             b.columns.kfra_H = H
         src, src_grad, src_name, src_shape, src_stop = b.edge, g_true, f"'{b.name}'", b.shape, b
+        src_dtype = b.output.dtype if hasattr(b, "output") else b.dtype
 
 
-def _closed_step(src_stop, b, H, src, src_shape, N):
+def _closed_step(src_stop, b, H, src, src_shape, src_dtype, N):
     """H̄ at ``b`` in closed form when the segment from ``b`` up to ``src`` is exactly one
     known module (its input is ``b``), else ``None``: a rule's ``kfra_step`` (Linear:
     Wᵀ H̄ W), an elementwise activation of :mod:`~curvopt.rules.activations`
@@ -122,27 +131,31 @@ def _closed_step(src_stop, b, H, src, src_shape, N):
     if kind == "reshape":
         return H
     if kind == "elementwise":
-        ones = torch.ones(src_shape, dtype=H.dtype, device=H.device)
+        ones = torch.ones(src_shape, dtype=src_dtype, device=H.device)
         (d,) = torch.autograd.grad(src, b.edge, ones, retain_graph=True)
-        d = d.reshape(N, -1)
+        d = d.reshape(N, -1).to(H.dtype)
         return H * (d.T @ d) / N
     return None
 
 
-def _columns_step(b, H, src, src_shape, N):
+def _columns_step(b, H, src, src_shape, src_dtype, N):
     """H̄ at ``b`` from H̄ at ``src``, (1/N) Σ_n J_nᵀ H̄ J_n over any segment: the columns of
     H̄^{1/2}, broadcast to every sample, go back through autograd."""
     L = _sqrt_psd(H)  # [D_src, r]
-    cols = L.T.reshape(-1, 1, *src_shape[1:]).expand(-1, N, *src_shape[1:])
+    D_b = int(torch.tensor(b.shape[1:]).prod()) if len(b.shape) > 1 else 1
+    if L.shape[1] == 0:  # H̄ = 0 (a saturated loss): nothing flows further down
+        return H.new_zeros(D_b, D_b)
+    cols = L.T.reshape(-1, 1, *src_shape[1:]).expand(-1, N, *src_shape[1:]).to(src_dtype)
     (V,) = grads(src, [b.edge], cols, batched=True)  # [r, N, *out]
     if isinstance(V, list):
-        V = torch.stack(V)
-    Vf = V.reshape(V.shape[0], N, -1)
+        V = torch.stack([torch.zeros(b.shape, dtype=src_dtype, device=H.device) if v is None
+                         else v for v in V])
+    Vf = V.reshape(V.shape[0], N, -1).to(H.dtype)
     return torch.einsum("jnd,jne->de", Vf, Vf) / N
 
 
 @dataclass(frozen=True)
-class KFRA(Quantity):
+class KFRA(KroneckerQuantity, Quantity):
     """Kronecker factors with a batch-averaged output Hessian passed back layer by layer, ``kfra``.
 
     .. math:: \\bar H_{\\text{top}} = f \\sum_n H_n,\\quad
@@ -174,7 +187,7 @@ class KFRA(Quantity):
                 if isinstance(lay, Elementwise):
                     return Factors.of([G], (BATCH,))
                 A = DenseBound(lay, None, lay.X, cot=True).kron_A()
-                return Factors.of([G, A], (BATCH, BATCH))
+                return Factors.of([A, G] if lay.kron_order == "AG" else [G, A], (BATCH, BATCH))
         # No Kronecker structure (norm parameters, fallback modules): the dense block of
         # (1/N) Σ_n J_θ,nᵀ H̄ J_θ,n, from the columns of H̄^{1/2} broadcast to every sample.
         L = _sqrt_psd(H)
@@ -184,3 +197,10 @@ class KFRA(Quantity):
 
     def sync(self, value, ctx, gb):
         return sync_factors(value, gb)
+
+    def merge(self, a, b):
+        raise UnsupportedModuleError(
+            "KFRA over several backward passes (gradient accumulation): its recursion "
+            "averages over the whole batch at every layer, which micro-batches cannot "
+            "reproduce. Use one backward per step for KFRA, or KFLR/KFAC."
+        )

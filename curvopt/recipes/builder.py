@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvopt.recipes._extras import need
 from curvopt.recipes.data import Data, data_shapes, make_data
 from curvopt.recipes.schema import (
     ModelConfig,
@@ -76,9 +77,7 @@ def _curvopt_optimizer(cls_name: str) -> Callable[[], type]:
 
 
 def _adahessian() -> type:
-    import torch_optimizer
-
-    return torch_optimizer.Adahessian
+    return need("torch_optimizer", "optimizer 'adahessian'").Adahessian
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {

@@ -10,9 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
+from curvopt.recipes._extras import need
 from curvopt.recipes.schema import DataConfig
 
-__all__ = ["Data", "make_data", "data_shapes"]
+__all__ = ["Data", "make_data", "data_shapes", "check_data"]
+
+_DIGITS = ("sklearn.datasets", "the digits data (data.name = 'digits')")
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,7 @@ def _split(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch
 
 
 def _digits(config: DataConfig, images: bool) -> Data:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
+    bunch = need(*_DIGITS).load_digits()
     x = torch.as_tensor(bunch.data, dtype=torch.float32) / 16.0
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
     if images:
@@ -90,6 +91,13 @@ def _regression(config: DataConfig) -> Data:
     y = y + config.noise * torch.randn(y.shape, generator=g)
     train, test = _split(x.shape[0], config.test_fraction, config.split_seed)
     return Data(x[train], y[train], x[test], y[test], "regression", k)
+
+
+def check_data(config: DataConfig) -> None:
+    """Raise :class:`~curvopt.recipes._extras.MissingExtraError` now if loading the data
+    would need a package that is missing."""
+    if config.name == "digits":
+        need(*_DIGITS)
 
 
 def data_shapes(config: DataConfig, images: bool = False) -> tuple[tuple[int, ...], int]:

@@ -13,15 +13,21 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
+from curvopt.recipes._extras import need
 from curvopt.recipes.builder import check_buildable, check_optimizer_params
 from curvopt.recipes.schema import RecipeConfig, RecipeError, from_dict
 
 __all__ = ["load", "parse", "read_toml", "parse_override", "apply_overrides"]
+
+
+def _tomllib() -> Any:
+    """The standard library's TOML reader (Python 3.11+), or its backport ``tomli`` before
+    (imported on use, so that a missing backport is reported as a missing extra)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        return need("tomli", "reading TOML recipes on Python 3.10")
+    return tomllib
 
 
 def read_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -33,6 +39,7 @@ def read_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     since the base's options belong to the base's variant.
     """
     path = Path(path).resolve()
+    tomllib = _tomllib()
     if path in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path))
         raise RecipeError(f"extends: cycle of recipes {chain}")
@@ -81,6 +88,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.split(".")
     if len(parts) > 2 or not all(parts):
         raise RecipeError(f"--set {text!r}: the key is 'name' or 'table.key', e.g. train.steps")
+    tomllib = _tomllib()
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
     except tomllib.TOMLDecodeError:

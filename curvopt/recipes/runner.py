@@ -3,8 +3,15 @@
 The loop is the ordinary one (``zero_grad``, ``loss.backward()``, ``step()``);
 curvopt's optimizers hold their hook engine themselves.  Each step appends a
 metrics record ``{step, epoch, train_loss, train_acc, test_loss, test_acc, lr,
-step_time}`` (test values at evaluation steps, else ``None``; ``stats`` at
-tracking steps); step 0 is the evaluation before training.
+step_time, train_time}`` (test values at evaluation steps, else ``None``; ``stats``
+at tracking steps); step 0 is the evaluation before training.  ``step_time`` is
+the seconds of that step (forward, backward, optimizer step, tracked statistics)
+and ``train_time`` their running sum: wall-clock training time without the
+evaluations, the x-axis of the lower row of plots and of "time to target".
+
+:func:`run` and :func:`compare` write into a folder staged before training
+(:class:`~curvopt.recipes.output.RunFolder`): ``metrics.jsonl`` grows by one
+flushed line per step, so a run stopped by Ctrl-C keeps what it did.
 
 Under ``torch.distributed`` (``curvopt run --nproc N``, or ``torchrun``) every rank
 draws the same global batches and trains on its own contiguous shard of each
@@ -30,24 +37,30 @@ from typing import Any
 
 import torch
 
+from curvopt.recipes._extras import need
 from curvopt.recipes.builder import OPTIMIZERS, Built, build
-from curvopt.recipes.output import atomic_dir, format_table, to_toml, write_jsonl
-from curvopt.recipes.plots import plot_runs
+from curvopt.recipes.data import check_data
+from curvopt.recipes.output import JsonlWriter, RunFolder, format_table, to_toml, write_marker
+from curvopt.recipes.plots import check_plotting, plot_runs
 from curvopt.recipes.quantities import collect_fn, extension_for, read, summarize
 from curvopt.recipes.schema import RecipeConfig, RecipeError, to_dict
 
 __all__ = [
     "RunResult",
+    "Target",
     "train",
+    "check_extras",
     "run",
     "compare",
     "steps_to_target",
+    "reach",
     "summarize_run",
     "summary_table",
     "SUMMARY_COLUMNS",
 ]
 
 Echo = Callable[[str], None]
+OnRecord = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -74,8 +87,11 @@ class _Tracker:
     """Records ``[track] quantities`` every ``track.every`` steps.
 
     curvopt's optimizers were given ``track=`` and keep the quantities in
-    ``optimizer.state[p][savefield]``; for the others the backward pass of a tracking step
-    runs inside :func:`curvopt.collect`.
+    ``optimizer.state[p][savefield]``; for the others a tracking step starts with a
+    forward and backward pass of its batch inside :func:`curvopt.collect`, outside the
+    timed step (the statistics are those of the step's parameters and batch, as the
+    optimizer's would be; measured: a collect pass every 10 steps would otherwise nearly
+    triple Adam's training time on the digits MLP).
     """
 
     def __init__(self, built: Built):
@@ -94,15 +110,15 @@ class _Tracker:
     def due(self, step: int) -> bool:
         return bool(self.names) and step % self.every == 0
 
-    @contextlib.contextmanager
-    def backward(self, step: int):
-        """Context around forward and backward of ``step``."""
+    def measure(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Before ``step`` (on its batch): the statistics of the optimizers that do not track."""
         self._results = None
         if self.collect is None or not self.due(step):
-            yield
             return
+        self.model.zero_grad(set_to_none=True)
         with self.collect(self.model, self.loss_fn, *self.extensions) as col:
-            yield
+            self.loss_fn(self.model(x), y).backward()
+        self.model.zero_grad(set_to_none=True)
         self._results = col.results
 
     def read(self) -> dict[str, float | None]:
@@ -170,11 +186,11 @@ def _evaluate(built: Built) -> dict[str, float | None]:
     return {"test_loss": loss, "test_acc": acc}
 
 
-def _step(built: Built, tracker: _Tracker, step: int, x: torch.Tensor,
-          y: torch.Tensor, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def _step(built: Built, x: torch.Tensor, y: torch.Tensor,
+          world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step; returns the model's output and the loss."""
     built.optimizer.zero_grad(set_to_none=True)
-    with tracker.backward(step), warnings.catch_warnings():
+    with warnings.catch_warnings():
         # create_graph=True (Adahessian) warns of the cycle that zero_grad(set_to_none) breaks
         warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
         out = built.model(x)
@@ -198,15 +214,26 @@ def check_distributable(config: RecipeConfig) -> None:
         )
 
 
-def _progress_bar(total: int, desc: str, progress: bool | None) -> Any:
-    from tqdm.auto import tqdm
+_PROGRESS = ("tqdm.auto", "the progress bar")
 
+
+def check_extras(config: RecipeConfig) -> None:
+    """Raise :class:`~curvopt.recipes._extras.MissingExtraError` before any training (and
+    before any folder is made) if running and writing ``config`` needs a missing package."""
+    check_data(config.data)
+    need(*_PROGRESS)
+    check_plotting()
+
+
+def _progress_bar(total: int, desc: str, progress: bool | None) -> Any:
+    tqdm = need(*_PROGRESS).tqdm
     disable = (not sys.stderr.isatty()) if progress is None else not progress
     return tqdm(total=total, desc=desc, disable=disable, dynamic_ncols=True, leave=True)
 
 
 def train(
-    config: RecipeConfig, progress: bool | None = None, echo: Echo | None = print
+    config: RecipeConfig, progress: bool | None = None, echo: Echo | None = print,
+    on_record: OnRecord | None = None,
 ) -> RunResult:
     """Train the recipe and return its metrics (nothing is written).
 
@@ -215,6 +242,8 @@ def train(
         progress: show a tqdm bar; ``None``: when stderr is a terminal.
         echo: where lines go when no bar is shown (about ten per run, or every
             ``train.log_every`` steps); ``None`` for silence.
+        on_record: called with each metrics record as soon as it is complete (step 0
+            first), e.g. to stream it to a file.
 
     The test loss is the mean loss over the test set whatever ``loss.reduction`` is.
     A non-finite training loss ends the run early (``summary["diverged"]``).
@@ -232,12 +261,17 @@ def train(
     batches = data.batches(config.train.batch_size,
                            torch.Generator().manual_seed(config.train.seed))
     log_every = config.train.log_every or max(1, total // 10)
-    records: list[dict[str, Any]] = [{
-        "step": 0, "epoch": 0.0, "train_loss": None, "train_acc": None, **_evaluate(built),
-        "lr": optimizer.param_groups[0]["lr"], "step_time": None,
-    }]
+    records: list[dict[str, Any]] = []
+
+    def append(rec: dict[str, Any]) -> None:
+        records.append(rec)
+        if on_record is not None:
+            on_record(rec)
+
+    append({"step": 0, "epoch": 0.0, "train_loss": None, "train_acc": None, **_evaluate(built),
+            "lr": optimizer.param_groups[0]["lr"], "step_time": None, "train_time": 0.0})
     bar = _progress_bar(total, config.name, progress)
-    last_acc, diverged = records[0]["test_acc"], False
+    last_acc, diverged, train_time = records[0]["test_acc"], False, 0.0
     started = time.perf_counter()
     try:
         for step in range(1, total + 1):
@@ -245,9 +279,11 @@ def train(
             if world > 1:
                 part = shard(x.shape[0], rank, world)
                 x, y = x[part], y[part]
+            tracker.measure(step, x, y)
             t0 = time.perf_counter()
-            out, loss = _step(built, tracker, step, x, y, world)
+            out, loss = _step(built, x, y, world)
             step_time = time.perf_counter() - t0
+            train_time += step_time
             lr = optimizer.param_groups[0]["lr"]
             built.scheduler.step()
             train_loss, train_acc = _global_metrics(loss, out, y, mean,
@@ -256,6 +292,7 @@ def train(
                 "step": step, "epoch": round(epoch, 4), "train_loss": train_loss,
                 "train_acc": train_acc,
                 "test_loss": None, "test_acc": None, "lr": lr, "step_time": step_time,
+                "train_time": train_time,
             }
             diverged = not math.isfinite(train_loss)
             if step % config.train.eval_every == 0 or step == total or diverged:
@@ -263,7 +300,7 @@ def train(
                 last_acc = rec["test_acc"]
             if tracker.due(step):
                 rec["stats"] = tracker.read()
-            records.append(rec)
+            append(rec)
             bar.update(1)
             postfix = {"loss": f"{train_loss:.4f}", "ms/step": f"{step_time * 1e3:.1f}"}
             if last_acc is not None:
@@ -272,7 +309,7 @@ def train(
             if bar.disable and echo is not None and (step % log_every == 0 or step == total):
                 acc = f"  test_acc {last_acc:.4f}" if last_acc is not None else ""
                 echo(f"[{config.name}] step {step:>5}/{total}  loss {train_loss:.4f}{acc}"
-                     f"  {step_time * 1e3:.1f} ms/step")
+                     f"  {step_time * 1e3:.1f} ms/step  {train_time:.2f} s")
             if diverged:
                 if echo is not None:
                     echo(f"[{config.name}] training loss is {train_loss} at step {step}: stopped")
@@ -291,40 +328,96 @@ def train(
 
 
 # ------------------------------------------------------------------------------- summary
-SUMMARY_COLUMNS = ["name", "optimizer", "steps", "final_train_loss", "final_test_loss",
-                   "final_test_acc", "best_test_acc", "wall_time_s", "ms_per_step",
-                   "steps_to_target"]
+SUMMARY_COLUMNS = ["rank", "name", "optimizer", "steps", "final_train_loss", "final_test_loss",
+                   "final_test_acc", "best_test_acc", "wall_time_s", "train_time_s",
+                   "ms_per_step", "steps_to_target", "time_to_target_s"]
+#: The columns of the printed table (``rank`` only when comparing).
+TABLE_COLUMNS = [c for c in SUMMARY_COLUMNS if c != "wall_time_s"]
+
+#: Minibatch losses averaged for ``final_train_loss`` and for a ``train_loss`` target.
+TRAIN_LOSS_WINDOW = 10
+
+
+@dataclass(frozen=True)
+class Target:
+    """A level a run should reach, and whose first reach is reported in steps and seconds.
+
+    Attributes:
+        metric: ``"test_acc"`` (reached when ``>= value``), ``"test_loss"`` or
+            ``"train_loss"`` (reached when ``<= value``; the training loss is the mean of the
+            last :data:`TRAIN_LOSS_WINDOW` minibatch losses, as ``final_train_loss``).
+        value: the level.
+    """
+
+    metric: str
+    value: float
+
+    @property
+    def label(self) -> str:
+        """E.g. ``"test_acc >= 0.95"``."""
+        return f"{self.metric} {'>=' if self.metric == 'test_acc' else '<='} {self.value:g}"
+
+
+def targets_for(config: RecipeConfig, target_acc: float | None = None,
+                target_loss: float | None = None,
+                target_train_loss: float | None = None) -> list[Target]:
+    """The targets given, or else the recipe's (``train.target_test_acc``, ``target_test_loss``)."""
+    given = [Target(m, v) for m, v in [("test_acc", target_acc), ("test_loss", target_loss),
+                                       ("train_loss", target_train_loss)] if v is not None]
+    if given:
+        return given
+    t = config.train
+    return [Target(m, v) for m, v in [("test_acc", t.target_test_acc),
+                                      ("test_loss", t.target_test_loss)] if v is not None]
+
+
+def reach(records: Sequence[dict[str, Any]], target: Target) -> dict[str, Any] | None:
+    """``{"step", "time_s"}`` of the first record reaching ``target`` (``time_s``: its
+    ``train_time``), ``None`` if none does.  Test values exist at evaluation steps only."""
+    window: list[float] = []
+    for rec in records:
+        value = rec.get(target.metric)
+        if value is None:
+            continue
+        if target.metric == "train_loss":
+            window = [*window[-(TRAIN_LOSS_WINDOW - 1):], value]
+            value = sum(window) / len(window)
+        if value >= target.value if target.metric == "test_acc" else value <= target.value:
+            return {"step": rec["step"], "time_s": rec.get("train_time")}
+    return None
 
 
 def steps_to_target(records: Sequence[dict[str, Any]], target_acc: float | None = None,
                     target_loss: float | None = None) -> int | None:
     """First evaluated step whose test accuracy ≥ ``target_acc`` (else: test loss ≤
     ``target_loss``); ``None`` if never reached or no target."""
-    for rec in records:
-        if target_acc is not None and rec.get("test_acc") is not None:
-            if rec["test_acc"] >= target_acc:
-                return rec["step"]
-        elif target_acc is None and target_loss is not None and rec.get("test_loss") is not None:
-            if rec["test_loss"] <= target_loss:
-                return rec["step"]
-    return None
+    target = (Target("test_acc", target_acc) if target_acc is not None else
+              Target("test_loss", target_loss) if target_loss is not None else None)
+    reached = reach(records, target) if target is not None else None
+    return reached["step"] if reached is not None else None
 
 
 def summarize_run(config: RecipeConfig, records: Sequence[dict[str, Any]], wall: float,
-                  diverged: bool = False, target_acc: float | None = None,
-                  target_loss: float | None = None) -> dict[str, Any]:
+                  diverged: bool = False, targets: Sequence[Target] | None = None
+                  ) -> dict[str, Any]:
     """Final numbers of a run.
 
     ``final_train_loss`` averages the last ten steps' minibatch losses; the test numbers are
-    those of the last evaluation; the target is ``target_*`` or else the recipe's
-    ``train.target_test_*``.
+    those of the last evaluation; ``train_time_s`` is the training time without evaluations.
+    ``targets`` (default: the recipe's, :func:`targets_for`) are each reported in
+    ``targets`` (step and seconds of the first reach); the first is the run's ``target``,
+    with ``steps_to_target`` and ``time_to_target_s``.
     """
     trained = [r for r in records if r["train_loss"] is not None]
     evals = [r for r in records if r["test_loss"] is not None]
-    tail = [r["train_loss"] for r in trained[-10:]]
+    tail = [r["train_loss"] for r in trained[-TRAIN_LOSS_WINDOW:]]
     accs = [r["test_acc"] for r in evals if r["test_acc"] is not None]
-    if target_acc is None and target_loss is None:
-        target_acc, target_loss = config.train.target_test_acc, config.train.target_test_loss
+    targets = targets_for(config) if targets is None else list(targets)
+    reached = []
+    for target in targets:
+        hit = reach(records, target) or {"step": None, "time_s": None}
+        reached.append({"target": target.label, "metric": target.metric,
+                        "value": target.value, **hit})
     step_times = [r["step_time"] for r in trained]
     return {
         "name": config.name,
@@ -335,30 +428,85 @@ def summarize_run(config: RecipeConfig, records: Sequence[dict[str, Any]], wall:
         "final_test_acc": evals[-1]["test_acc"] if evals else None,
         "best_test_acc": max(accs) if accs else None,
         "wall_time_s": wall,
+        "train_time_s": records[-1].get("train_time") if records else None,
         "ms_per_step": 1e3 * sum(step_times) / len(step_times) if step_times else None,
-        "target": ({"test_acc": target_acc} if target_acc is not None
-                   else {"test_loss": target_loss} if target_loss is not None else None),
-        "steps_to_target": steps_to_target(records, target_acc, target_loss),
+        "target": {targets[0].metric: targets[0].value} if targets else None,
+        "steps_to_target": reached[0]["step"] if reached else None,
+        "time_to_target_s": reached[0]["time_s"] if reached else None,
+        "targets": reached,
         "diverged": diverged,
     }
 
 
-def _retarget(result: RunResult, target_acc: float | None, target_loss: float | None) -> None:
-    if target_acc is None and target_loss is None:
+# --------------------------------------------------------------------------- run, compare
+def _write_results(folder: Path, config: RecipeConfig, records: Sequence[dict[str, Any]],
+                   summary: dict[str, Any], complete: bool) -> None:
+    """``summary.json``, ``curves.png`` and the marker, beside the streamed metrics."""
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_runs([(summary["name"], records)], folder / "curves.png",
+              title=f"{summary['name']} ({config.optimizer.name})"
+                    + ("" if complete else f", stopped at step {records[-1]['step']}"),
+              **_plotted_target([summary]))
+    write_marker(folder, complete)
+
+
+def _plotted_target(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``plot_runs``' ``target`` and ``reached`` arguments: the runs' first target, when they
+    share it."""
+    firsts = [s["targets"][0] if s["targets"] else None for s in summaries]
+    if None in firsts or len({f["target"] for f in firsts}) != 1:
+        return {}
+    return {"target": (firsts[0]["metric"], firsts[0]["value"]),
+            "reached": [f if f["step"] is not None else None for f in firsts]}
+
+
+def _train_into(config: RecipeConfig, folder: Path | None, name: str,
+                targets: Sequence[Target] | None, progress: bool | None,
+                echo: Echo | None) -> RunResult:
+    """Train ``config``, streaming its metrics into ``folder`` (``None``: write nothing).
+
+    ``folder`` gets ``recipe.toml`` first, then ``metrics.jsonl`` line by line, then
+    ``summary.json`` and ``curves.png``.  If training stops with an exception (Ctrl-C
+    included), the summary and curves of the steps done are written and the exception
+    propagates.
+    """
+    if folder is None:
+        result = train(config, progress=progress, echo=echo)
+        _retarget(result, targets)
+        return result
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "recipe.toml").write_text(to_toml(to_dict(config)))
+    metrics, done = JsonlWriter(folder / "metrics.jsonl"), []
+
+    def on_record(rec: dict[str, Any]) -> None:
+        done.append(rec)
+        metrics.write(rec)
+
+    started = time.perf_counter()
+    try:
+        result = train(config, progress=progress, echo=echo, on_record=on_record)
+    except BaseException as err:
+        if done:  # best effort: the streamed metrics are what must survive
+            with contextlib.suppress(Exception):
+                summary = summarize_run(config, done, time.perf_counter() - started,
+                                        targets=targets)
+                summary.update(name=name, stopped=type(err).__name__)
+                _write_results(folder, config, done, summary, complete=False)
+        raise
+    finally:
+        metrics.close()
+    _retarget(result, targets)
+    result.summary["name"] = name
+    _write_results(folder, config, result.records, result.summary, complete=True)
+    return result
+
+
+def _retarget(result: RunResult, targets: Sequence[Target] | None) -> None:
+    if targets is None:
         return
     s = result.summary
     s.update(summarize_run(result.config, result.records, s["wall_time_s"], s["diverged"],
-                           target_acc, target_loss))
-
-
-# --------------------------------------------------------------------------- run, compare
-def _write_run(result: RunResult, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    write_jsonl(folder / "metrics.jsonl", result.records)
-    (folder / "recipe.toml").write_text(to_toml(to_dict(result.config)))
-    (folder / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
-    plot_runs([(result.config.name, result.records)], folder / "curves.png",
-              title=f"{result.config.name} ({result.config.optimizer.name})")
+                           targets))
 
 
 def default_out(names: Sequence[str]) -> Path:
@@ -368,18 +516,25 @@ def default_out(names: Sequence[str]) -> Path:
 
 def run(config: RecipeConfig, out: str | Path | None = None, progress: bool | None = None,
         echo: Echo | None = print) -> tuple[RunResult, Path]:
-    """Train a recipe and write ``metrics.jsonl``, ``curves.png``, ``summary.json`` and the
-    resolved ``recipe.toml`` into ``out`` (default ``runs/<name>``), atomically.
+    """Train a recipe into the folder ``out`` (default ``runs/<name>``): ``metrics.jsonl``
+    (streamed while training), ``curves.png``, ``summary.json`` and the resolved
+    ``recipe.toml``.
+
+    ``out`` is checked and staged before training (see
+    :class:`~curvopt.recipes.output.RunFolder`): a file, or a folder holding files curvopt
+    did not write, is refused with :class:`RecipeError`; a previous curvopt run there is
+    replaced only when the new one is complete.
 
     Returns:
-        The result and the output folder.
+        The result and the folder the run ended up in.
     """
     out = Path(out) if out is not None else default_out([config.name])
-    result = train(config, progress=progress, echo=echo)
-    if dist_rank_world()[0] == 0:  # under torch.distributed: rank 0 writes
-        with atomic_dir(out) as tmp:
-            _write_run(result, tmp)
-    return result, out
+    if dist_rank_world()[0] != 0:  # under torch.distributed: rank 0 writes
+        return _train_into(config, None, config.name, None, progress, echo), out
+    check_extras(config)
+    with RunFolder(out, config.name) as folder:
+        result = _train_into(config, folder.tmp, config.name, None, progress, echo)
+    return result, folder.path
 
 
 def _unique_names(configs: Sequence[RecipeConfig]) -> list[str]:
@@ -390,36 +545,56 @@ def _unique_names(configs: Sequence[RecipeConfig]) -> list[str]:
     return names
 
 
+def _rank(results: Sequence[RunResult]) -> list[RunResult]:
+    """``results`` ordered by time to their (common) first target, unreached last; sets each
+    summary's ``rank`` (``None``: not reached, or the runs have different targets)."""
+    summaries = [r.summary for r in results]
+    common = len({json.dumps(s["target"]) for s in summaries}) == 1 and summaries[0]["target"]
+    reached = [r for r in results if common and r.summary["time_to_target_s"] is not None]
+    reached.sort(key=lambda r: r.summary["time_to_target_s"])
+    for s in summaries:
+        s["rank"] = None
+    for i, r in enumerate(reached):
+        r.summary["rank"] = i + 1
+    return reached + [r for r in results if r not in reached]
+
+
 def compare(configs: Sequence[RecipeConfig], out: str | Path | None = None,
             progress: bool | None = None, echo: Echo | None = print,
-            target_acc: float | None = None,
-            target_loss: float | None = None) -> tuple[list[RunResult], Path]:
-    """Run several recipes; write each run's folder plus ``compare.png`` (curves overlaid),
-    ``summary.csv`` and ``summary.json`` into ``out``, atomically.
+            target_acc: float | None = None, target_loss: float | None = None,
+            target_train_loss: float | None = None) -> tuple[list[RunResult], Path]:
+    """Run several recipes into the folder ``out``: one folder per run (as :func:`run`
+    writes), ``compare.png`` (curves overlaid, against steps and against training time),
+    ``summary.csv`` and ``summary.json`` (rows ranked by time to target).
 
     Args:
-        target_acc, target_loss: the target of "steps to target" for every run (default:
-            each recipe's own ``train.target_test_*``).
+        target_acc, target_loss, target_train_loss: the targets of every run (default:
+            each recipe's own ``train.target_test_*``); runs are ranked by the time to the
+            first.
+
+    Returns:
+        The results (in the order of ``configs``) and the folder they ended up in.
     """
     if not configs:
         raise RecipeError("compare: give at least one recipe")
     names = _unique_names(configs)
     out = Path(out) if out is not None else default_out(names)
+    for cfg in configs:
+        check_extras(cfg)
     results = []
-    for cfg, name in zip(configs, names, strict=True):
-        result = train(cfg, progress=progress, echo=echo)
-        _retarget(result, target_acc, target_loss)
-        result.summary["name"] = name
-        results.append(result)
-    with atomic_dir(out) as tmp:
-        for name, result in zip(names, results, strict=True):
-            _write_run(result, tmp / name)
-        curves = [(n, r.records) for n, r in zip(names, results, strict=True)]
-        plot_runs(curves, tmp / "compare.png", title="compare: " + ", ".join(names))
-        rows = [r.summary for r in results]
-        _write_csv(tmp / "summary.csv", rows)
-        (tmp / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    return results, out
+    with RunFolder(out, "compare") as folder:
+        for cfg, name in zip(configs, names, strict=True):
+            targets = (targets_for(cfg, target_acc, target_loss, target_train_loss)
+                       if (target_acc, target_loss, target_train_loss) != (None,) * 3 else None)
+            results.append(_train_into(cfg, folder.tmp / name, name, targets, progress, echo))
+        ranked = _rank(results)
+        plot_runs([(n, r.records) for n, r in zip(names, results, strict=True)],
+                  folder.tmp / "compare.png", title="compare: " + ", ".join(names),
+                  **_plotted_target([r.summary for r in results]))
+        rows = [r.summary for r in ranked]
+        _write_csv(folder.tmp / "summary.csv", rows)
+        (folder.tmp / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return results, folder.path
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -430,16 +605,25 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def summary_table(results: Sequence[RunResult]) -> str:
-    """The summary rows of ``results`` as an aligned text table."""
-    rows = []
-    for result in results:
-        row, target = dict(result.summary), result.summary["target"]
-        if target is not None:
-            (key, value), = target.items()
-            reached = row["steps_to_target"]
-            op = ">=" if key == "test_acc" else "<="
-            row["steps_to_target"] = (
-                f"{reached if reached is not None else 'not reached'} ({key} {op} {value:g})"
-            )
-        rows.append(row)
-    return format_table(rows, SUMMARY_COLUMNS)
+    """The summary rows of ``results`` as an aligned text table (ranked when comparing),
+    then one line per target with each run's time and steps to it."""
+    compared = len(results) > 1
+    if compared:
+        results = _rank(results)
+    columns = TABLE_COLUMNS if compared else TABLE_COLUMNS[1:]
+    lines = [format_table([r.summary for r in results], columns)]
+    labels = list(dict.fromkeys(t["target"] for r in results for t in r.summary["targets"]))
+    for label in labels:
+        cells = []
+        for r in results:
+            hit = next((t for t in r.summary["targets"] if t["target"] == label), None)
+            if hit is None:
+                continue
+            who = f"{r.summary['name']} " if compared else ""
+            cells.append(f"{who}not reached" if hit["step"] is None else
+                         f"{who}{hit['time_s']:.3g} s ({hit['step']} steps)")
+        lines.append(f"time to {label}: " + ", ".join(cells))
+    if compared and results[0].summary["rank"] is not None:
+        lines.append(f"ranked by training time to {results[0].summary['targets'][0]['target']}"
+                     " (evaluations excluded)")
+    return "\n".join(lines)

@@ -10,8 +10,11 @@ Adding a layer = writing a rule (a subclass of :class:`Rule` with
 ``layouts()``; optionally ``kronecker()``, ``kfra_G()``, ``kfra_step()``,
 ``check()``, ``transports_diagonal``: everything curvopt knows about a layer
 type lives in its rule) in a new file here, registered with :func:`register`
-and imported at the bottom of this module.  Parameter-free modules (activations,
-reshapes) that KFRA steps over in closed form are listed in :mod:`.activations`.  Unknown modules
+and imported at the bottom of this module.  A class of an optional package
+(Hugging Face ``transformers``, ``timm``) is registered with :func:`register_lazy`
+by module path and class name, without importing that package (:mod:`.hf`, :mod:`.timm`).
+Parameter-free modules (activations, reshapes) that KFRA steps over in closed form are
+listed in :mod:`.activations`.  Unknown modules
 that own parameters fall back to :class:`~curvopt.rules.fallback.FallbackRule`
 (``torch.func`` per-sample gradients): slower, never wrong.
 """
@@ -19,10 +22,10 @@ that own parameters fall back to :class:`~curvopt.rules.fallback.FallbackRule`
 from __future__ import annotations
 
 # Importing the modules registers their rules.
-from . import activations, conv, embedding, linear, norm  # noqa: F401
+from . import activations, attention, conv, embedding, hf, linear, norm, timm  # noqa: F401
 from .fallback import FALLBACK
 from .layout import Dense, Elementwise, Embedding, Layout, Materialized, Rule
-from .registry import hooked, lookup, register, registered
+from .registry import container_params, hooked, lookup, register, register_lazy, registered
 
 __all__ = [
     "Rule",
@@ -33,8 +36,10 @@ __all__ = [
     "Materialized",
     "FALLBACK",
     "register",
+    "register_lazy",
     "lookup",
     "registered",
     "hooked",
+    "container_params",
     "activations",
 ]

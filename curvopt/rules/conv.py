@@ -8,6 +8,22 @@ ConvTranspose is the adjoint of a convolution with the same hyperparameters:
 its weight gradient pairs the *input* (``[N, P_in, g, C_in/g]``) with the
 unfolded *output gradient* (``[K, N, P_in, g, (C_out/g)·k…]``); hence the
 layout is ``transposed``.
+
+Kronecker factors (``kfac``/``kflr``), BackPACK's for ``groups == 1``:
+
+* Conv, ``weight: [C_out, C_in/g, k…]``: ``[G, A]``, ``A = Σ_n U_n U_nᵀ / N`` over the
+  unfolded patches, ``G`` from the output cotangent summed over positions.
+* ConvTranspose, ``weight: [C_in, C_out/g, k…]``: ``[G, Ω]`` as BackPACK, ``G`` over
+  output channels and ``Ω`` from the transposed convolution's own unfold, a Kronecker
+  approximation of the GGN block of ``weight.transpose(0, 1)``.
+
+Grouped and depthwise (``g > 1``): the same definitions per group, stacked along a
+leading group dimension: ``G: [g, C_out/g, C_out/g]`` and ``A: [g, (C_in/g)·k…,
+(C_in/g)·k…]``.  ``G[j] ⊗ A[j]`` belongs to group ``j``'s weight slice
+``weight[j·C_out/g:(j+1)·C_out/g]`` (Conv) or ``weight[j·C_in/g:(j+1)·C_in/g]
+.transpose(0, 1)`` (ConvTranspose), row-major; the blocks between groups are not
+approximated (zero).  Depthwise (``g = C_in``): ``A: [g, k…, k…]`` and ``G: [g, m, m]``
+for ``C_out = m·C_in`` (``m = 1``: scalars).
 """
 
 from __future__ import annotations
@@ -66,12 +82,16 @@ def _mode(module):
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(Rule):
     def kronecker(self, module):
-        return {"weight", "bias"} if module.groups == 1 else {"bias"}
+        return {"weight", "bias"}
 
     def kfra_G(self, module, H, out_shape):
-        # Per-sample output order (c, p): all position pairs (BackPACK's G).
-        D, C = H.shape[0], out_shape[1]
-        return torch.einsum("apbq->ab", H.reshape(C, D // C, C, D // C))
+        # Per-sample output order (c, p): all position pairs (BackPACK's G); grouped: the
+        # diagonal block of each group, [g, C_out/g, C_out/g], beside the per-group A.
+        D, C, g = H.shape[0], out_shape[1], module.groups
+        G = torch.einsum("apbq->ab", H.reshape(C, D // C, C, D // C))
+        if g == 1:
+            return G
+        return G.reshape(g, C // g, g, C // g).diagonal(0, 0, 2).permute(2, 0, 1)
 
     def layouts(self, module, args, kwargs, output):
         x = args[0]
@@ -102,7 +122,7 @@ class ConvRule(Rule):
 @register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 class ConvTransposeRule(Rule):
     def kronecker(self, module):
-        return {"weight", "bias"} if module.groups == 1 else {"bias"}
+        return {"weight", "bias"}
 
     kfra_G = ConvRule.kfra_G
 

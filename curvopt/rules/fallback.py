@@ -25,15 +25,28 @@ def batch_dim(module) -> int:
 
 
 class FallbackRule(Rule):
-    covers_subtree = True
+    """``torch.func`` per-sample gradients of every parameter in the module's subtree
+    (``names``: of these parameters the module owns directly; its children keep theirs)."""
+
+    locates_batch = True
+
+    def __init__(self, names: frozenset | None = None):
+        self.names = names  # None: the whole subtree; else these own parameters only
+        self.covers_subtree = names is None
 
     def layouts(self, module, args, kwargs, output):
-        params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        if self.names is not None:
+            params = {n: p for n, p in module.named_parameters(recurse=False)
+                      if p.requires_grad and n in self.names}
+        else:
+            params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         if not params:
             return {}
         bd = batch_dim(module)
         N = args[0].shape[bd]
-        detached = {n: p.detach() for n, p in params.items()}
+        # float32 (or wider) like the captured inputs: statistics of low-precision models
+        detached = {n: p.detach().to(torch.promote_types(p.dtype, torch.float32))
+                    if p.is_floating_point() else p.detach() for n, p in params.items()}
         tensor_pos = [i for i, a in enumerate(args) if torch.is_tensor(a)]
         # Tensor keyword arguments that carry the batch (e.g. key_padding_mask) are vmapped too.
         batched_kw = {k: v for k, v in kwargs.items()

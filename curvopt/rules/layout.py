@@ -53,14 +53,19 @@ class Rule:
     #: closed form, ``(r @ W²) ⊙ φ'²`` (true for a plain Linear: each weight entry feeds
     #: one output feature per row).
     transports_diagonal = False
+    #: the rule finds the batch dimension itself (the generic rule, attention without
+    #: batch_first): its batch need not be the model input's leading dimension
+    locates_batch = False
 
     def layouts(self, module, args, kwargs, output) -> dict[str, Layout]:
         """Map each own parameter name of ``module`` to its :class:`Layout`."""
         raise NotImplementedError
 
-    def check(self, module, name: str) -> None:
-        """Raise before the forward if the call is outside what the rule defines (BatchNorm
-        in train mode mixes samples).  Runs for every module of the type, parameters or not."""
+    def check(self, module, name: str, coupling: str = "error") -> bool:
+        """Before the forward: raise if the call is outside what the rule defines, and say
+        whether it couples the samples of the batch (BatchNorm in train mode), which
+        ``coupling="rows"`` accepts.  Runs for every module of the type, parameters or not."""
+        return False
 
     def kfra_G(self, module, H: Tensor, out_shape) -> Tensor | None:
         """KFRA: the Kronecker factor ``G`` read off the batch-averaged Hessian ``H``
@@ -117,7 +122,7 @@ class Bound:
     def total(self) -> Tensor:  # sum over n of the K == 1 per-sample gradients
         return self.per_sample()[0].sum(0)
 
-    def matches_total(self, t: Tensor) -> bool:
+    def matches_total(self, t: Tensor, tol: float | None = None) -> bool:
         """Whether ``t`` equals :meth:`total`; only layouts with a cheap check say yes."""
         return False
 
@@ -135,6 +140,11 @@ class Bound:
 
     def kron_G(self) -> Tensor | None:
         return None
+
+
+def round_off(dtype: torch.dtype) -> float:
+    """Relative tolerance of numerical self-checks on values stored in ``dtype``."""
+    return {torch.float64: 1e-9, torch.float16: 4e-3, torch.bfloat16: 3e-2}.get(dtype, 1e-4)
 
 
 def concat(bounds: list[Bound]) -> list[Bound]:
@@ -172,6 +182,20 @@ class Dense(Layout):
     ``expand``: the Kronecker factor A is normalised by ``N·S`` (Linear on
     ``[N, S, D]`` inputs: the "expand" convention of Eschenhagen et al. 2023)
     instead of ``N`` (convolutions, as BackPACK and Grosse & Martens 2016).
+
+    Kronecker factors (:meth:`DenseBound.kron_factors`), per group ``j`` of ``g``:
+
+    .. math:: A_j = \\frac1{N(\\cdot S)} \\sum_{n,s} x_{n,s,j} x_{n,s,j}^\\top,\\qquad
+              G_j = \\sum_{k,n,s} r_{k,n,s,j} r_{k,n,s,j}^\\top
+
+    (``reduce_G``: ``r`` summed over ``s`` first).  One group: ``A: [Di, Di]``,
+    ``G: [Do, Do]``; ``g > 1`` (grouped/depthwise convolutions): a leading group
+    dimension, ``A: [g, Di, Di]``, ``G: [g, Do, Do]``, and ``G_j ⊗ A_j`` approximates the
+    GGN block of the group's weight slice ``weight[j·Do:(j+1)·Do]`` (row-major).
+    ``kron_order`` is the order of the returned factors: ``"GA"`` (``weight: [Do, Di·k…]``;
+    ConvTranspose: BackPACK's ``[G, Ω]``, a block of ``weight.transpose(0, 1)``) or
+    ``"AG"`` (a weight stored ``[Di, Do]``, Hugging Face's ``Conv1D``: then
+    ``kron(A, G)`` acts on ``weight.flatten()``).
     """
 
     X: Tensor = None
@@ -185,6 +209,7 @@ class Dense(Layout):
     #: ``() -> [N, P_out, C_in·k…]`` (the transposed convolution's own unfold) for A.
     kron_rows: Callable[[Tensor], Tensor] | None = None
     kron_X: Callable[[], Tensor] | None = None
+    kron_order: str = "GA"
 
     def kind(self):
         return ("dense", self.X.shape[2:], self.transposed)
@@ -223,6 +248,18 @@ def _gram(R: Tensor, X: Tensor, transposed: bool) -> Tensor:
     if R.shape[1] == 1:
         return (R[:, 0].T @ X[:, 0]).unsqueeze(0)
     return torch.einsum("ngo,ngi->goi", R, X)
+
+
+def _group_gram(M: Tensor) -> Tensor:
+    """:math:`\\sum_i m_{i,j} m_{i,j}^\\top` per group ``j`` for ``M: [rows, g, d]``.
+
+    ``[d, d]`` for one group (today's 2-D factors), ``[g, d, d]`` otherwise.
+    """
+    if M.shape[1] == 1:
+        M = M[:, 0]
+        return M.T @ M
+    M = M.transpose(0, 1)  # [g, rows, d]
+    return M.transpose(1, 2) @ M
 
 
 class DenseBound(Bound):
@@ -309,7 +346,7 @@ class DenseBound(Bound):
             ]
         )
 
-    def matches_total(self, t: Tensor) -> bool:
+    def matches_total(self, t: Tensor, tol: float | None = None) -> bool:
         """``uᵀ t v == Σ_n (uᵀR_n)(X_nᵀ v)`` for random ``u, v``: O(N·(Do+Di)), not a product.
 
         Exact equality has probability one to be detected as a mismatch when ``t`` differs
@@ -321,12 +358,12 @@ class DenseBound(Bound):
         gen = _probe_generator(R.device)  # private: the user's RNG stream stays untouched
         u = torch.randn(R.shape[-1], dtype=R.dtype, device=R.device, generator=gen)
         v = torch.randn(X.shape[-1], dtype=X.dtype, device=X.device, generator=gen)
-        t2 = t.reshape(R.shape[-1], X.shape[-1])
+        t2 = t.reshape(R.shape[-1], X.shape[-1]).to(R.dtype)
         lhs = u @ (t2 @ v)
         Rf = R[:, :, 0].reshape(-1, R.shape[-1])  # every row of every sample
         Xf = X[:, :, 0].reshape(-1, X.shape[-1])
         rhs = ((Rf @ u) * (Xf @ v)).sum()
-        tol = 1e-4 if R.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+        tol = round_off(t.dtype) if tol is None else tol
         # Cauchy-Schwarz scale of uᵀtv: round-off stays far below it, a real mismatch not
         bound = torch.linalg.vector_norm(u) * torch.linalg.vector_norm(v) * torch.linalg.vector_norm(t2)
         return bool((lhs - rhs).abs() <= tol * bound + 1e-30)
@@ -337,46 +374,41 @@ class DenseBound(Bound):
         return _gram(R.reshape(N * S, g, -1), X.reshape(N * S, g, -1),
                      self.layout.transposed).reshape(self.layout.shape)
 
-    def _check_groups(self):
-        if self.X.shape[2] != 1:
+    def _needs_cot(self):
+        if self.cot is None:
             raise UnsupportedModuleError(
-                "Kronecker factors of a grouped convolution (groups > 1) are not "
-                "block-Kronecker with one input factor; use DiagGGNExact/DiagGGNMC for it."
+                "Kronecker factors of a ConvTranspose applied more than once are not "
+                "supported; use DiagGGNExact/DiagGGNMC for it."
             )
 
     def kron_A(self):
-        self._check_groups()
+        """A, ``[Di, Di]`` or ``[g, Di, Di]`` per group (see :class:`Dense`)."""
         lay = self.layout
+        g = self.X.shape[2]
         if lay.kron_X is not None:  # ConvTranspose: its own unfold over output positions
-            if self.cot is None:
-                raise UnsupportedModuleError(
-                    "Kronecker factors of a ConvTranspose applied more than once are not "
-                    "supported; use DiagGGNExact/DiagGGNMC for it."
-                )
-            U = lay.kron_X()
+            self._needs_cot()
+            U = lay.kron_X()  # [N, P_out, C_in·k…], channel-major: groups are contiguous
             N = U.shape[0]
-            U = U.flatten(0, 1)
-            return U.T @ U / N
-        X = self.X
-        N, S = X.shape[:2]
-        X = X[:, :, 0].flatten(0, 1)
-        return X.T @ X / (N * S if lay.expand else N)
+            return _group_gram(U.reshape(-1, g, U.shape[-1] // g)) / N
+        N, S = self.X.shape[:2]
+        return _group_gram(self.X.flatten(0, 1)) / (N * S if lay.expand else N)
 
     def kron_G(self):
-        self._check_groups()
+        """G, ``[Do, Do]`` or ``[g, Do, Do]`` per group (see :class:`Dense`)."""
         lay = self.layout
+        g = self.X.shape[2]
         if lay.kron_rows is not None:
-            if self.cot is None:
-                raise UnsupportedModuleError(
-                    "Kronecker factors of a ConvTranspose applied more than once are not "
-                    "supported; use DiagGGNExact/DiagGGNMC for it."
-                )
-            R = lay.kron_rows(self.cot).flatten(0, 1)
-        elif lay.reduce_G:
-            R = self.R[:, :, :, 0].sum(2).flatten(0, 1)
-        else:
-            R = self.R[:, :, :, 0].flatten(0, 2)
-        return R.T @ R
+            self._needs_cot()
+            R = lay.kron_rows(self.cot).flatten(0, 1)  # [K·N, C_out]
+            return _group_gram(R.reshape(R.shape[0], g, -1))
+        if lay.reduce_G:
+            return _group_gram(self.R.sum(2).flatten(0, 1))
+        return _group_gram(self.R.flatten(0, 2))
+
+    def kron_factors(self) -> tuple[list[Tensor], str]:
+        """``([F_1, F_2], roles)`` in the layout's ``kron_order``: ``[G, A]`` or ``[A, G]``."""
+        G, A = self.kron_G(), self.kron_A()
+        return ([A, G], "AG") if self.layout.kron_order == "AG" else ([G, A], "GA")
 
 
 # ------------------------------------------------------------------------------ Elementwise
@@ -423,6 +455,13 @@ class ElementwiseBound(Bound):
         # A bias has the Kronecker factor G of its layer alone (BackPACK: ``[G]``).
         if self.Xhat is not None:
             return None
+        D = self.R.shape[-1]
+        if D > MAX_DENSE_BLOCK:
+            raise UnsupportedModuleError(
+                f"the curvature block of a parameter with {D} entries would be {D}x{D}; "
+                f"above {MAX_DENSE_BLOCK} curvopt refuses it. Ask for the diagonal "
+                "(DiagGGNExact/DiagGGNMC) for this parameter instead."
+            )
         R = self.R.sum(2).flatten(0, 1) if self.layout.reduce_G else self.R.flatten(0, 2)
         return R.T @ R
 

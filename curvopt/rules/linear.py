@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModuleError
 from .layout import Dense, Elementwise, Rule
 from .registry import register
 
@@ -30,6 +31,11 @@ class LinearRule(Rule):
 
     def layouts(self, module, args, kwargs, output):
         x = args[0]
+        if x.dim() < 2:
+            raise UnsupportedModuleError(
+                f"{module} was called on an unbatched input of shape {tuple(x.shape)}; "
+                "per-sample quantities need a batch dimension first: use x.unsqueeze(0)."
+            )
         N, Di, Do = x.shape[0], module.in_features, module.out_features
         X = x.reshape(N, -1, 1, Di)
         S = X.shape[1]

@@ -2,8 +2,8 @@
 
 ``y = x̂ ⊙ γ + β`` where ``x̂`` is the normalized input, so per sample
 :math:`\\nabla\\gamma = \\sum_s R_s \\odot \\hat x_s` and :math:`\\nabla\\beta = \\sum_s R_s`.
-BatchNorm is supported in eval mode only (with running statistics): in train
-mode it mixes samples and per-sample quantities do not exist.
+BatchNorm is exact in eval mode (with running statistics); in train mode it mixes
+samples (see :class:`BatchNormRule` for the opt-in that treats rows as samples).
 """
 
 from __future__ import annotations
@@ -70,22 +70,42 @@ class GroupNormRule(Rule):
 
 @register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 class BatchNormRule(Rule):
-    def check(self, module, name):
-        if module.training or not module.track_running_stats or module.running_mean is None:
+    """BatchNorm: exact in eval mode (running statistics: the layer is elementwise per sample).
+
+    In train mode (or without running statistics) it normalizes with the statistics of the
+    current batch, so every sample's output depends on every other sample: per-sample and
+    curvature quantities are not defined.  With the collector's ``batch_coupling="rows"``
+    the engine treats the rows of what flows back as samples (the K-FAC practice); the
+    affine parameters then read ``x̂`` normalized with the batch statistics, as the forward
+    pass did.
+    """
+
+    @staticmethod
+    def couples(module) -> bool:
+        return module.training or not module.track_running_stats or module.running_mean is None
+
+    def check(self, module, name, coupling="error"):
+        if self.couples(module) and coupling != "rows":
             raise CollectError(
                 f"BatchNorm layer '{name}' ({module}) normalizes with statistics of the "
                 "current batch (train mode or track_running_stats=False): samples are "
                 "mixed, so per-sample and curvature quantities are not defined. Call "
-                "model.eval() for this layer (or replace it by GroupNorm/LayerNorm)."
+                "model.eval() for this layer, or pass batch_coupling='rows' to treat the "
+                "rows of what flows back as samples (the K-FAC practice; curvopt's "
+                "optimizers do so by default)."
             )
+        return self.couples(module)
 
     def layouts(self, module, args, kwargs, output):
         x = args[0]
         N, C = x.shape[0], module.num_features
-        shape = (1, C) + (1,) * (x.dim() - 2)
-        xhat = (x - module.running_mean.reshape(shape)) * torch.rsqrt(
-            module.running_var.reshape(shape) + module.eps
-        )
+        if self.couples(module):  # normalized with this batch's statistics, as in forward
+            xhat = F.batch_norm(x, None, None, training=True, eps=module.eps)
+        else:
+            shape = (1, C) + (1,) * (x.dim() - 2)
+            xhat = (x - module.running_mean.reshape(shape).to(x.dtype)) * torch.rsqrt(
+                module.running_var.reshape(shape).to(x.dtype) + module.eps
+            )
         X = xhat.reshape(N, C, -1).transpose(1, 2)
         return _affine(
             module, N, X, lambda cot: cot.reshape(cot.shape[0], N, C, -1).transpose(2, 3)

@@ -9,6 +9,8 @@ from .fallback import FALLBACK
 from .layout import Rule
 
 _REGISTRY: dict[type, Rule] = {}
+#: ``(class.__module__, class.__qualname__) -> rule`` for classes of optional packages.
+_LAZY: dict[tuple[str, str], Rule] = {}
 
 
 def register(*module_types: type):
@@ -20,6 +22,31 @@ def register(*module_types: type):
         return rule_cls
 
     return deco
+
+
+def register_lazy(module_path: str, qualname: str):
+    """Class decorator: register a :class:`Rule` for the class ``module_path.qualname``
+    without importing ``module_path``.
+
+    A class whose ``__module__`` and ``__qualname__`` are these gets the rule when a
+    module of it is looked up (and is registered by type from then on), so the rule of
+    ``transformers.pytorch_utils.Conv1D`` costs nothing when ``transformers`` is absent.
+    """
+
+    def deco(rule_cls):
+        _LAZY[(module_path, qualname)] = rule_cls()
+        return rule_cls
+
+    return deco
+
+
+def _rule_of(t: type) -> Rule | None:
+    rule = _REGISTRY.get(t)
+    if rule is None and _LAZY:
+        rule = _LAZY.get((getattr(t, "__module__", None), getattr(t, "__qualname__", None)))
+        if rule is not None:
+            _REGISTRY[t] = rule  # resolved once: later lookups of t are a dict hit
+    return rule
 
 
 def lookup(module: nn.Module) -> Rule:
@@ -34,9 +61,10 @@ def lookup(module: nn.Module) -> Rule:
         return FALLBACK
     cls = type(module)
     for t in cls.__mro__:
-        if t in _REGISTRY:
+        rule = _rule_of(t)
+        if rule is not None:
             if t is cls or (cls.forward is t.forward and _same_params(module)):
-                return _REGISTRY[t]
+                return rule
             break
     return FALLBACK
 
@@ -44,8 +72,9 @@ def lookup(module: nn.Module) -> Rule:
 def registered(module: nn.Module) -> Rule | None:
     """The rule registered for ``module``'s type or its nearest registered base, if any."""
     for t in type(module).__mro__:
-        if t in _REGISTRY:
-            return _REGISTRY[t]
+        rule = _rule_of(t)
+        if rule is not None:
+            return rule
     return None
 
 
@@ -60,3 +89,21 @@ def hooked(module: nn.Module) -> Rule | None:
 
 def _same_params(module: nn.Module) -> bool:
     return {n for n, _ in module.named_parameters(recurse=False)} <= {"weight", "bias"}
+
+
+def container_params(module: nn.Module) -> list[str] | None:
+    """Names of the parameters a *container* uses itself, or ``None`` if ``module`` is not
+    a container.
+
+    A container has no registered rule and children that own parameters (a ViT owning its
+    class token, a block owning a layer scale): its children keep their own rules, and
+    only the parameters it owns directly (and shares with no child) take the slower path
+    of :mod:`.param_use` or the generic rule.
+    """
+    if registered(module) is not None or parametrize.is_parametrized(module):
+        return None
+    if not any(True for c in module.children() for _ in c.parameters()):
+        return None
+    in_children = {id(p) for c in module.children() for p in c.parameters()}
+    return [n for n, p in module.named_parameters(recurse=False)
+            if p.requires_grad and id(p) not in in_children]

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from curvopt import recipes
 from curvopt.cli import main
+from curvopt.recipes.output import MARKER
 
 ROOT = Path(__file__).resolve().parents[2]
 R = ROOT / "recipes"
@@ -46,7 +47,7 @@ def test_run_nproc2_writes_outputs_and_matches_one_process(tmp_path, recipe):
                                  "--out", str(out), "-q", *FAST])
     assert code == 0, stderr
     assert sorted(p.name for p in out.iterdir()) == [
-        "curves.png", "metrics.jsonl", "recipe.toml", "summary.json"]
+        MARKER, "curves.png", "metrics.jsonl", "recipe.toml", "summary.json"]
     assert stdout.count("wrote ") == 1  # rank 0 only
     got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     config = recipes.load(R / f"{recipe}.toml", [s for s in FAST if s != "--set"])

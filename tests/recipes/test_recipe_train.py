@@ -1,4 +1,4 @@
-"""Building and training recipes: every recipe runs; runs are reproducible; output is atomic."""
+"""Building and training recipes: every recipe runs; runs are reproducible; targets."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import torch
 
 from curvopt import recipes
 from curvopt.recipes.builder import OPTIMIZERS, schedule_factor
-from curvopt.recipes.output import atomic_dir
-from curvopt.recipes.runner import steps_to_target
+from curvopt.recipes.runner import Target, reach, steps_to_target, summarize_run
 from curvopt.recipes.schema import ScheduleConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,7 +60,12 @@ def test_every_recipe_runs_a_few_steps(path):
         assert all(r["test_acc"] is None for r in evals)
     for rec in records[1:]:
         assert set(rec) >= {"step", "epoch", "train_loss", "test_loss", "test_acc", "lr",
-                            "step_time"}
+                            "step_time", "train_time"}
+    times = [r["train_time"] for r in records]  # cumulative step times, evaluations excluded
+    assert times[0] == 0.0
+    assert times[1:] == pytest.approx(
+        [sum(r["step_time"] for r in records[1:i + 1]) for i in range(1, len(records))])
+    assert result.summary["train_time_s"] == times[-1] < result.summary["wall_time_s"]
     for name in config.track.quantities:  # tracked every 2 steps, a finite summary each time
         values = [r["stats"][name] for r in records if "stats" in r]
         assert len(values) == 2 and all(v is not None and math.isfinite(v) for v in values)
@@ -121,7 +125,7 @@ def test_same_recipe_and_seed_give_the_same_metrics():
         config = recipes.load(ROOT / "recipes" / "digits_mlp_sgd.toml",
                               ["train.steps=6", "train.eval_every=3", *overrides])
         records = recipes.train(config, progress=False, echo=None).records
-        return [{k: v for k, v in r.items() if k != "step_time"} for r in records]
+        return [{k: v for k, v in r.items() if k not in ("step_time", "train_time")} for r in records]
 
     first = metrics()
     assert metrics() == first
@@ -134,7 +138,7 @@ def test_kfac_recipe_is_reproducible():
         config = recipes.load(ROOT / "recipes" / "digits_mlp_kfac.toml",
                               ["train.steps=4", "train.eval_every=2", "track.every=2"])
         records = recipes.train(config, progress=False, echo=None).records
-        return [{k: v for k, v in r.items() if k != "step_time"} for r in records]
+        return [{k: v for k, v in r.items() if k not in ("step_time", "train_time")} for r in records]
 
     assert metrics() == metrics()
 
@@ -187,20 +191,29 @@ def test_steps_to_target():
     assert steps_to_target(records) is None
 
 
-def test_atomic_dir(tmp_path):
-    out = tmp_path / "run"
-    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
-        (tmp / "half.txt").write_text("x")
-        raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []  # nothing left behind, not even the temp folder
-    with atomic_dir(out) as tmp:
-        (tmp / "a.txt").write_text("1")
-    assert (out / "a.txt").read_text() == "1"
-    with pytest.raises(KeyboardInterrupt), atomic_dir(out) as tmp:
-        (tmp / "b.txt").write_text("2")
-        raise KeyboardInterrupt
-    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]  # the old folder is untouched
-    with atomic_dir(out) as tmp:
-        (tmp / "c.txt").write_text("3")
-    assert sorted(p.name for p in out.iterdir()) == ["c.txt"]  # replaced whole
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+def test_time_to_each_target():
+    records = [{"step": 0, "train_loss": None, "test_acc": 0.1, "test_loss": 2.0,
+                "train_time": 0.0}]
+    losses = [0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
+    for step, loss in enumerate(losses, 1):
+        evaluated = step % 4 == 0
+        records.append({"step": step, "train_loss": loss, "train_time": 0.5 * step,
+                        "test_acc": 0.9 + 0.01 * step if evaluated else None,
+                        "test_loss": 1.0 / step if evaluated else None})
+    assert reach(records, Target("test_acc", 0.95)) == {"step": 8, "time_s": 4.0}
+    assert reach(records, Target("test_loss", 0.2)) == {"step": 8, "time_s": 4.0}
+    assert reach(records, Target("test_acc", 1.1)) is None
+    # the training loss is averaged over the last ten minibatches: 0.9 leaves the window at 11
+    assert reach(records, Target("train_loss", 0.15)) == {"step": 11, "time_s": 5.5}
+    assert reach(records, Target("train_loss", 0.185)) == {"step": 10, "time_s": 5.0}
+    config = recipes.load(ROOT / "recipes" / "digits_mlp_sgd.toml")
+    records = [{**r, "lr": 0.1, "step_time": 0.5 if r["step"] else None} for r in records]
+    summary = summarize_run(config, records, wall=9.0)  # the recipe's target: test_acc 0.95
+    assert summary["target"] == {"test_acc": 0.95}
+    assert (summary["steps_to_target"], summary["time_to_target_s"]) == (8, 4.0)
+    assert summary["train_time_s"] == 6.0 and summary["wall_time_s"] == 9.0
+    both = summarize_run(config, records, 9.0, targets=[Target("train_loss", 0.15),
+                                                       Target("test_acc", 1.1)])
+    assert both["target"] == {"train_loss": 0.15} and both["time_to_target_s"] == 5.5
+    assert [(t["target"], t["step"], t["time_s"]) for t in both["targets"]] == [
+        ("train_loss <= 0.15", 11, 5.5), ("test_acc >= 1.1", None, None)]
