@@ -236,6 +236,8 @@ class Collector:
             raise ValueError(f"collect: batch_coupling must be 'error' or 'rows', got {batch_coupling!r}")
         self.batch_coupling = batch_coupling
         self._coupled = False  # a layer coupled the samples of the running forward pass
+        #: names of the layers that coupled the samples of a batch so far (batch_coupling="rows")
+        self.coupled_layers: set[str] = set()
         self.accumulate = accumulate
         self._union: dict = {}  # (param name, savefield) -> (quantity, additive state)
         self._union_z = self._union_n = 0.0  # the union's loss normalizer and sample count
@@ -251,6 +253,8 @@ class Collector:
         self.only: dict | None = None
         self._loss = None  # curvopt.losses.Loss of loss_fn, once a quantity needs it
         self._model_batch: int | None = None  # leading dimension of the model's first input
+        self._no_grad_yet: list = []
+        self._warned_unrecorded: set[str] = set()
         self._backwards = 0
         self._handles: list = []
         # Records of forward passes not yet reached by a backward.  A record and its graph
@@ -269,6 +273,8 @@ class Collector:
         # True while curvopt itself re-runs modules (the generic rule's torch.func calls).
         self._computing = False
         self.results: dict[str, dict] = {}
+        #: samples the results describe (all ranks'; every micro-batch's with ``accumulate``)
+        self.samples: int | None = None
         self._names = {}
         for n, p in model.named_parameters():
             self._names.setdefault(p, n)
@@ -395,6 +401,7 @@ class Collector:
             if self._extensions and torch.is_grad_enabled() and not self._computing:
                 if rule.check(module, name, self.batch_coupling):
                     self._coupled = True
+                    self.coupled_layers.add(name)
 
         return hook
 
@@ -403,6 +410,9 @@ class Collector:
         if self._extensions and torch.is_grad_enabled() and not self._computing:
             x = next((a for a in (*args, *kwargs.values()) if torch.is_tensor(a) and a.dim()), None)
             self._model_batch = int(x.shape[0]) if x is not None else None
+            # parameters without a gradient yet: one that has one after the backward but no
+            # recorded call was used where curvopt cannot see it (_check_unrecorded)
+            self._no_grad_yet = [p for p in self._names if p.requires_grad and p.grad is None]
 
     def _rows_per_sample(self, o: Tensor) -> int:
         """Loss rows per model sample: ``T`` when the loss sees ``[N·T, ...]`` rows of ``N``
@@ -638,6 +648,7 @@ class Collector:
             loss=self._loss, output=lc.input, target=lc.target, grad_output=self._unscale(g),
             records=recs, boundaries=self._boundaries, requests=self._extensions,
             mc_generator=self.mc_generator, rows_per_sample=self._rows_per_sample(lc.input),
+            coupled=self._coupled,
             global_batch=(lambda: self._global_batch(lc.input.shape[0], lc.input.device))
             if self._dist_on() else None,
         )
@@ -716,11 +727,30 @@ class Collector:
             self._grad_was_none = set()
             for r in recs:  # free captured tensors and the graph node
                 r.retire()
+        self._check_unrecorded()
         if self.set_attributes:
             for name, res in self.results.items():
                 p = self._param_by_name(name)
                 for k, v in res.items():
                     setattr(p, k, v)
+
+    def _check_unrecorded(self) -> None:
+        """Warn (once per parameter) about a parameter that received a gradient in this
+        backward but was not used in any call curvopt recorded: it has no quantities."""
+        missing = [self._names[p] for p in self._no_grad_yet
+                   if p.grad is not None and self._names[p] not in self.results
+                   and self._names[p] not in self._warned_unrecorded]
+        self._no_grad_yet = []
+        if missing and self._extensions:
+            self._warned_unrecorded.update(missing)
+            warnings.warn(
+                f"curvopt: parameter(s) {', '.join(missing)} received a gradient but were used "
+                "outside every module call curvopt records (e.g. a child module's weight used "
+                "via F.linear by its parent), so they have no quantities. Route their use "
+                "through the module that owns them.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _param_by_name(self, name):
         if self._by_name is None:
@@ -759,10 +789,12 @@ class Collector:
                 _check_coverage(ctx)
             out[name] = res
         gb = None
+        if recs:
+            self.samples = next(iter(recs[0].layouts().values())).N
         if dist_on and recs:
-            n_local = next(iter(recs[0].layouts().values())).N
-            gb = self._global_batch(n_local, recs[0].output.device)
+            gb = self._global_batch(self.samples, recs[0].output.device)
             distributed.reduce_results(out, jobs, gb, self.gather)
+            self.samples = gb.n_global
         if self.accumulate and recs:
             out = self._accumulate(out, jobs, recs, gb)
         return out
@@ -771,10 +803,10 @@ class Collector:
         """Fold this backward's results into the union of the micro-batches since
         :meth:`reset` (see ``accumulate``) and return the union's results."""
         summed = self.loss_fn is not None and getattr(self.loss_fn, "reduction", "mean") == "sum"
-        n = next(iter(recs[0].layouts().values())).N
+        n = self.samples
         z = float(self._normalizer_local) if self._normalizer_local is not None else float(n)
         if gb is not None:  # the results describe the global batch: its normalizer
-            n, z = gb.n_global, z / gb.rho
+            z = z / gb.rho
         z = 1.0 if summed else z
         self._normalizer_local = None
         for name, q, ctx in jobs:
@@ -785,6 +817,7 @@ class Collector:
             self._union[key] = (q, state)
         self._union_n += n
         self._union_z = 1.0 if summed else self._union_z + z
+        self.samples = int(self._union_n)
         union: dict[str, dict] = {}
         for (name, field), (q, state) in self._union.items():
             union.setdefault(name, {})[field] = q.normalize(state, self._union_z, self._union_n)
@@ -801,8 +834,8 @@ def _check_batch(rec: Record, lay) -> None:
     """Refuse a call whose batch is not the model's: its rows are not samples (relative
     position ids ``[T, T]``), or a batch of one that was not broadcast over the batch."""
     N = rec.batch
-    if N is None or lay.N == N or (isinstance(rec.rule, FallbackRule) and lay.N != 1):
-        return  # (the generic rule reads the batch where the module keeps it)
+    if N is None or lay.N == N or (rec.rule.locates_batch and lay.N != 1):
+        return
     raise CollectError(
         f"layer '{rec.name}' was called on {lay.N} rows while the model's input has {N} "
         "samples: its inputs do not run along the batch (e.g. relative positions [T, T], or "
@@ -824,13 +857,14 @@ def _check_coverage(ctx: ParamContext) -> None:
     grad = ctx.fresh_grad
     if len(bounds) != 1:
         return
+    # round-off of the backward autograd ran (bfloat16 under autocast) or of p.grad
+    tol = max(round_off(grad.dtype), *(round_off(r.output.dtype) for r, _ in ctx.items))
     b = bounds[0]
     if isinstance(b, DenseBound):
-        if b.X.shape[2] != 1 or b.layout.transposed or b.matches_total(grad):
+        if b.X.shape[2] != 1 or b.layout.transposed or b.matches_total(grad, tol):
             return
     else:
         total = b.total().to(grad.dtype)
-        tol = round_off(grad.dtype)
         scale = float(total.abs().max()) if total.numel() else 0.0
         if scale == scale and torch.allclose(total, grad, rtol=tol, atol=tol * scale + 1e-30):
             return
@@ -863,7 +897,8 @@ def collect(model: nn.Module, loss_fn=None, *extensions: Quantity, set_attribute
     (use a :class:`Collector` for a loop), unless ``accumulate=True``: then the
     backward passes of the block are micro-batches of one batch, and the results
     describe their union (see :class:`Collector`).  ``loss_fn`` may be ``None`` when only
-    first-order quantities are requested.  Yields the :class:`Collector` (``.results`` keyed by parameter name).
+    first-order quantities are requested.  Yields the :class:`Collector` (``.results``
+    keyed by parameter name).
     """
     if isinstance(loss_fn, Quantity):
         extensions = (loss_fn, *extensions)

@@ -5,11 +5,17 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..extensions import DiagGGNExact, DiagGGNMC, Extension
 from . import functional as F
-from ._base import CurvatureOptimizer
+from ._base import (
+    AUTO_EXACT_MAX_COLUMNS,
+    CurvatureChoiceWarning,
+    CurvatureOptimizer,
+    Transaction,
+    exact_columns,
+)
 
 __all__ = ["DiagGGNAdam"]
 
@@ -51,7 +57,12 @@ class DiagGGNAdam(CurvatureOptimizer):
         betas: :math:`(\\beta_1, \\beta_2)` (per group).
         damping: :math:`\\lambda \\ge 0` (per group; must be positive unless ``clip`` is set).
         params: parameters or parameter groups.
-        curvature: ``"exact"`` (``DiagGGNExact``) or ``"mc"`` (``DiagGGNMC``).
+        curvature: ``"exact"`` (``DiagGGNExact``: ``C − 1`` columns per sample sent back
+            for ``C`` classes), ``"mc"`` (``DiagGGNMC``: ``mc_samples`` columns), or
+            ``"auto"`` (default): exact up to
+            :data:`~curvopt.optim._base.AUTO_EXACT_MAX_COLUMNS` columns per sample, MC
+            above (language models: one column set per token), decided at the first
+            loss call and said once (:class:`~curvopt.optim.CurvatureChoiceWarning`).
         mc_samples: MC samples for ``curvature="mc"``.
         curvature_update_freq: :math:`T`; the GGN diagonal is computed only on
             steps :math:`1, 1+T, 1+2T, \\dots` (other steps are plain backward passes).
@@ -74,7 +85,7 @@ class DiagGGNAdam(CurvatureOptimizer):
         damping: float = 1e-3,
         *,
         params=None,
-        curvature: str = "exact",
+        curvature: str = "auto",
         mc_samples: int = 1,
         curvature_update_freq: int = 1,
         power: float = 1.0,
@@ -84,8 +95,8 @@ class DiagGGNAdam(CurvatureOptimizer):
         track: Any = (),
         seed: int | None = None,
     ):
-        if curvature not in ("exact", "mc"):
-            raise ValueError(f"curvature must be 'exact' or 'mc', got {curvature!r}")
+        if curvature not in ("exact", "mc", "auto"):
+            raise ValueError(f"curvature must be 'exact', 'mc' or 'auto', got {curvature!r}")
         if int(curvature_update_freq) != curvature_update_freq or curvature_update_freq < 1:
             raise ValueError(
                 f"curvature_update_freq must be a positive integer, got {curvature_update_freq}"
@@ -102,6 +113,7 @@ class DiagGGNAdam(CurvatureOptimizer):
         if power <= 0:
             raise ValueError(f"power must be positive, got {power}")
         self.curvature = curvature
+        self._columns: int | None = None  # exact loss-Hessian columns per sample (first loss)
         self.mc_samples = int(mc_samples)
         self.curvature_update_freq = int(curvature_update_freq)
         defaults = dict(
@@ -115,10 +127,28 @@ class DiagGGNAdam(CurvatureOptimizer):
         )
         super().__init__(model, loss_fn, defaults, params=params, track=track, seed=seed)
 
+    def _exact(self) -> bool:
+        """Whether the exact diagonal is used (``"auto"``: MC until the first loss call)."""
+        if self.curvature != "auto":
+            return self.curvature == "exact"
+        return self._columns is not None and self._columns <= AUTO_EXACT_MAX_COLUMNS
+
     def _extension(self) -> Extension:
-        return (
-            DiagGGNExact() if self.curvature == "exact" else DiagGGNMC(mc_samples=self.mc_samples)
+        return DiagGGNExact() if self._exact() else DiagGGNMC(mc_samples=self.mc_samples)
+
+    def _choose_curvature(self, output: Tensor) -> bool:
+        if self.curvature != "auto" or self._columns is not None:
+            return False
+        self._columns = exact_columns(self.loss_fn, output, self._batch_size,
+                                      bool(self._collector.coupled_layers))
+        which = "exact" if self._exact() else f"Monte Carlo, {self.mc_samples} sample(s)"
+        warnings.warn(
+            f"DiagGGNAdam(curvature='auto'): {self._columns} loss-Hessian columns per sample "
+            f"-> {which} GGN diagonal (exact up to {AUTO_EXACT_MAX_COLUMNS} columns).",
+            CurvatureChoiceWarning,
+            stacklevel=2,
         )
+        return self._exact()  # the schedule before the first loss call asked for MC
 
     def _curvature_due(self, step: int) -> bool:
         return (step - 1) % self.curvature_update_freq == 0
@@ -126,16 +156,15 @@ class DiagGGNAdam(CurvatureOptimizer):
     def _extensions_for_step(self, step):
         return (self._extension(),) if self._curvature_due(step) else ()
 
-    def _update(self, step, stats, loss, closure):
+    def _update(self, step, stats, loss, closure, tx: Transaction):
         key = self._extension().savefield
         due = self._curvature_due(step) and stats is not None
-        moved = False
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                st = self._param_state(p)
+                st = tx.param_state(p)
                 curv = stats.get(p, {}).get(key) if due else None
                 if curv is None and "exp_avg_curv" not in st:
                     continue  # no curvature yet for this parameter
@@ -156,17 +185,10 @@ class DiagGGNAdam(CurvatureOptimizer):
                     clip=group["clip"],
                     clip_eps=group["clip_eps"],
                 )
-                st["exp_avg"], st["exp_avg_curv"], st["curv_step"] = (
-                    new["exp_avg"],
-                    new["exp_avg_curv"],
-                    new["curv_step"],
-                )
-                st["step"] += 1
-                F.apply_update_(p, d, group["lr"], group["weight_decay"])
-                moved = True
-        if not moved:
-            if self._global_step == 0:
-                warnings.warn(
-                    "DiagGGNAdam: no curvature yet; step skipped.", RuntimeWarning, stacklevel=3
-                )
-            return False
+                for k in ("exp_avg", "exp_avg_curv", "curv_step"):
+                    st[k] = new[k]
+                tx.count_step(p)
+                tx.move(p, d, group["lr"], group["weight_decay"])
+        if not tx.moves:
+            return self._nothing_moved("no curvature yet")
+        return None

@@ -10,7 +10,7 @@ thin adapters that schedule these functions and keep their state in
 Composite rules follow the signature ``(grad, ..., state, hyperparameters) ->
 (direction, new_state)``: ``state`` is a plain ``dict`` of the quantities the
 rule carries from step to step and ``direction`` is what the parameter is
-moved *against*: the optimizer applies :func:`apply_update`
+moved *against*: the optimizer applies :func:`apply_update_`
 (:math:`\\theta \\leftarrow (1 - \\eta\\,\\omega)\\,\\theta - \\eta\\, d`).
 
 Conventions: tensors keep the dtype of ``grad``; quantities whose
@@ -29,7 +29,6 @@ from torch import Tensor
 __all__ = [
     "ema",
     "bias_correction",
-    "apply_update",
     "apply_update_",
     "momentum",
     # Kronecker-factored curvature
@@ -78,18 +77,11 @@ def bias_correction(decay: float, count: int) -> float:
     return 1.0 - decay**count
 
 
-def apply_update(param: Tensor, direction: Tensor, lr: float, weight_decay: float = 0.0) -> Tensor:
-    """New parameter value with *decoupled* weight decay (Loshchilov & Hutter 2019).
+def apply_update_(param: Tensor, direction: Tensor, lr: float, weight_decay: float = 0.0) -> Tensor:
+    """Move ``param`` in place with *decoupled* weight decay (Loshchilov & Hutter 2019).
 
     .. math:: \\theta \\leftarrow (1 - \\eta\\,\\omega)\\,\\theta - \\eta\\, d
     """
-    if weight_decay:
-        param = param * (1.0 - lr * weight_decay)
-    return param - lr * direction
-
-
-def apply_update_(param: Tensor, direction: Tensor, lr: float, weight_decay: float = 0.0) -> Tensor:
-    """In-place form of :func:`apply_update` (what the optimizer classes call)."""
     if weight_decay:
         param.mul_(1.0 - lr * weight_decay)
     return param.add_(direction, alpha=-lr)
@@ -106,48 +98,72 @@ def momentum(buffer: Tensor | None, direction: Tensor, mu: float) -> Tensor:
 
 
 # ================================================================ Kronecker-factored blocks
+def _batch_and_sides(factors: Sequence[Tensor]) -> tuple[torch.Size, list[int]]:
+    """The common leading (group) shape ``B`` and the sides ``d_i`` of ``[*B, d_i, d_i]`` factors."""
+    for F in factors:
+        if F.ndim < 2 or F.shape[-1] != F.shape[-2]:
+            raise ValueError(
+                f"Kronecker factor must be a square matrix, got shape {tuple(F.shape)}"
+            )
+    batch = factors[0].shape[:-2]
+    if any(F.shape[:-2] != batch for F in factors):
+        raise ValueError(
+            "Kronecker factors of one parameter must share their leading (group) dimensions, "
+            f"got shapes {[tuple(F.shape) for F in factors]}"
+        )
+    return batch, [F.shape[-1] for F in factors]
+
+
 def kronecker_dims(shape: Sequence[int], factors: Sequence[Tensor]) -> list[int]:
     """Check that ``factors`` (square, row-major order) tile a parameter of ``shape``.
 
     A parameter :math:`W` with factors :math:`[F_1, \\dots, F_k]` of sizes
-    :math:`d_1, \\dots, d_k` is reshaped to ``[d_1, ..., d_k]`` and its
+    :math:`d_1, \\dots, d_k` is viewed as ``[d_1, ..., d_k]`` and its
     curvature block is :math:`F_1 \\otimes \\dots \\otimes F_k` acting on
     ``vec(W)`` (row-major, so a Linear weight ``[out, in]`` has ``[G, A]``).
 
+    Factors may carry common leading *group* dimensions ``B`` (``[*B, d_i, d_i]``):
+    the block is then block-diagonal, one Kronecker product per group, and the
+    parameter is viewed as ``[*B, d_1, ..., d_k]`` (a grouped convolution's weight
+    ``[C_out, C_in/g, k…]`` with ``G: [g, C_out/g, C_out/g]``,
+    ``A: [g, (C_in/g)·k…, (C_in/g)·k…]`` is viewed as ``[g, C_out/g, (C_in/g)·k…]``).
+
     Returns:
-        ``[d_1, ..., d_k]``.
+        the view shape ``[*B, d_1, ..., d_k]``.
 
     Raises:
-        ValueError: if a factor is not square or the sizes do not multiply to ``numel``.
+        ValueError: if a factor is not square, the group dimensions differ, or the sizes
+            do not multiply to ``numel``.
     """
-    dims = []
-    for F in factors:
-        if F.ndim != 2 or F.shape[0] != F.shape[1]:
-            raise ValueError(
-                f"Kronecker factor must be a square matrix, got shape {tuple(F.shape)}"
-            )
-        dims.append(F.shape[0])
+    batch, dims = _batch_and_sides(factors)
     numel = math.prod(shape)
-    if math.prod(dims) != numel:
+    if math.prod(batch) * math.prod(dims) != numel:
         raise ValueError(
-            f"Kronecker factors of sizes {dims} do not match a parameter of shape "
+            f"Kronecker factors of sizes {[*batch, *dims]} do not match a parameter of shape "
             f"{tuple(shape)} ({numel} entries)"
         )
-    return dims
+    return [*batch, *dims]
 
 
 def _mode_product(mats: Sequence[Tensor], t: Tensor) -> Tensor:
-    """Apply ``mats[i]`` along axis ``i`` of ``t``.
+    """Apply ``mats[i]`` along axis ``i`` of the trailing ``k`` axes of ``t``.
 
-    That is :math:`(M_1 \\otimes \\dots \\otimes M_k)\\,\\mathrm{vec}(t)` (row-major ``vec``).
+    That is :math:`(M_1 \\otimes \\dots \\otimes M_k)\\,\\mathrm{vec}(t)` (row-major
+    ``vec``) for every leading group index; ``mats[i]``: ``[*B, d_i, d_i]``, ``t``:
+    ``[*B, d_1, ..., d_k]``.
     """
-    if len(mats) == 1:
-        return mats[0] @ t
-    if len(mats) == 2:
+    k = len(mats)
+    if k == 1:
+        M = mats[0]
+        return M @ t if t.dim() == 1 else (M @ t.unsqueeze(-1)).squeeze(-1)
+    if k == 2:
         # M_1 T M_2^T ; factors are symmetric in every use here but keep the general form.
-        return mats[0] @ t @ mats[1].transpose(0, 1)
+        return mats[0] @ t @ mats[1].mT
+    nb = t.dim() - k
     for i, M in enumerate(mats):
-        t = torch.movedim(torch.tensordot(M, t, dims=([1], [i])), 0, i)
+        # axis i last: t @ M^T with M broadcast over the other k-2 axes of each group
+        Mb = M.reshape(*M.shape[:-2], *([1] * (k - 2)), *M.shape[-2:])
+        t = (t.movedim(nb + i, -1) @ Mb.mT).movedim(-1, nb + i)
     return t
 
 
@@ -155,18 +171,14 @@ def kronecker_matvec(factors: Sequence[Tensor], v: Tensor) -> Tensor:
     """:math:`(F_1 \\otimes \\dots \\otimes F_k)\\,\\mathrm{vec}(v)`, returned in ``v``'s shape.
 
     Args:
-        factors: square matrices ``[d_i, d_i]``.
-        v: tensor with ``numel == prod(d_i)``.
+        factors: square matrices ``[*B, d_i, d_i]`` (``B``: optional group dimensions).
+        v: tensor with ``numel == prod(B) * prod(d_i)``.
     """
-    dims = kronecker_dims(v.shape, factors)
-    return _mode_product(factors, v.reshape(dims)).reshape(v.shape)
+    view = kronecker_dims(v.shape, factors)
+    return _mode_product(factors, v.reshape(view)).reshape(v.shape)
 
 
-def _normalised_trace(F: Tensor) -> float:
-    return float(torch.diagonal(F).sum()) / F.shape[0]
-
-
-def pi_dampings(factors: Sequence[Tensor], damping: float) -> list[float]:
+def pi_dampings(factors: Sequence[Tensor], damping: float) -> list:
     """Per-factor Tikhonov terms with the π correction (Martens & Grosse 2015, §6.3).
 
     For two factors :math:`[G, A]` (row-major order):
@@ -179,28 +191,35 @@ def pi_dampings(factors: Sequence[Tensor], damping: float) -> list[float]:
     reads :math:`\\delta_i = \\lambda^{1/k}\\, t_i / (\\prod_j t_j)^{1/k}` with
     :math:`t_i = \\operatorname{tr}(F_i)/d_i` (one factor: :math:`\\lambda`).
     A factor with zero or non-finite trace (a dead layer) makes every
-    :math:`\\pi = 1`, never a division by zero.
+    :math:`\\pi = 1`, never a division by zero.  Factors with group dimensions
+    ``[*B, d, d]`` get one π per group.
 
     Returns:
-        ``[delta_1, ..., delta_k]`` as Python floats.
+        ``[delta_1, ..., delta_k]``: Python floats, or float64 tensors ``[*B]`` for
+        grouped factors.
     """
     k = len(factors)
-    base = damping ** (1.0 / k)
     if k == 1:
         return [float(damping)]
-    traces = [_normalised_trace(F) for F in factors]
-    if any(not math.isfinite(t) or t <= 0.0 for t in traces):
-        return [base] * k
-    log_mean = sum(math.log(t) for t in traces) / k
-    return [base * math.exp(math.log(t) - log_mean) for t in traces]
+    base = damping ** (1.0 / k)
+    t = torch.stack([
+        torch.diagonal(F, dim1=-2, dim2=-1).to(torch.float64).sum(-1) / F.shape[-1]
+        for F in factors
+    ])  # [k, *B]
+    bad = (~torch.isfinite(t) | (t <= 0.0)).any(0)
+    log_t = torch.where(bad, 1.0, t).log()
+    deltas = torch.where(bad, base, base * torch.exp(log_t - log_t.mean(0)))
+    if deltas.dim() == 1:
+        return [float(d) for d in deltas]
+    return list(deltas)
 
 
 def _symmetric64(F: Tensor) -> Tensor:
     F = F.to(torch.float64)
-    return 0.5 * (F + F.transpose(0, 1))
+    return 0.5 * (F + F.mT)
 
 
-def damped_inverse(F: Tensor, delta: float) -> Tensor:
+def damped_inverse(F: Tensor, delta) -> Tensor:
     """:math:`(F + \\delta I)^{-1}` computed in float64, returned in ``F``'s dtype.
 
     Cholesky first (fast); if the factorisation fails (an indefinite or
@@ -209,21 +228,24 @@ def damped_inverse(F: Tensor, delta: float) -> Tensor:
     which is finite for every :math:`\\delta > 0`.
 
     Args:
-        F: symmetric positive semi-definite ``[d, d]``.
-        delta: Tikhonov term, must be positive.
+        F: symmetric positive semi-definite ``[*B, d, d]`` (``B``: optional group dimensions,
+            each group inverted on its own).
+        delta: Tikhonov term, positive: a number or a tensor ``[*B]`` (one per group).
     """
-    if not delta > 0.0:
-        raise ValueError(f"damping must be positive to invert a curvature factor, got {delta}")
     M = _symmetric64(F)
-    M.diagonal().add_(delta)
+    delta = torch.as_tensor(delta, dtype=torch.float64, device=M.device)
+    if not bool((delta > 0.0).all()):
+        raise ValueError(f"damping must be positive to invert a curvature factor, got {delta}")
+    delta = delta.reshape(*delta.shape, 1)  # [*B, 1]: one δ per matrix
+    M.diagonal(dim1=-2, dim2=-1).add_(delta)
     L, info = torch.linalg.cholesky_ex(M)
-    if int(info) == 0:
-        inv = torch.cholesky_inverse(L)
-        if bool(torch.isfinite(inv).all()):
-            return inv.to(F.dtype)
+    inv = torch.cholesky_inverse(L)
+    ok = (info == 0) & torch.isfinite(inv).flatten(-2).all(-1)
+    if bool(ok.all()):
+        return inv.to(F.dtype)
     d, Q = torch.linalg.eigh(_symmetric64(F))
-    inv = (Q / (d.clamp_min(0.0) + delta)) @ Q.transpose(0, 1)
-    return inv.to(F.dtype)
+    fallback = (Q / (d.clamp_min(0.0) + delta).unsqueeze(-2)) @ Q.mT
+    return torch.where(ok[..., None, None], inv, fallback).to(F.dtype)
 
 
 def damped_inverses(factors: Sequence[Tensor], damping: float) -> list[Tensor]:
@@ -239,7 +261,7 @@ def eigendecomposition(factors: Sequence[Tensor]) -> tuple[list[Tensor], list[Te
     smallest eigenvalues slightly negative).  Returned in the factors' dtype.
 
     Returns:
-        ``(eigenvectors, eigenvalues)``: lists of ``[d_i, d_i]`` and ``[d_i]``.
+        ``(eigenvectors, eigenvalues)``: lists of ``[*B, d_i, d_i]`` and ``[*B, d_i]``.
     """
     Qs, ds = [], []
     for F in factors:
@@ -256,15 +278,15 @@ def precondition_inverses(grad: Tensor, inverses: Sequence[Tensor]) -> Tensor:
               (A + \\pi\\sqrt\\lambda I)^{-1}
 
     Args:
-        grad: the parameter's gradient, any shape with ``numel == prod(d_i)``.
-        inverses: ``[d_i, d_i]`` matrices, e.g. from :func:`damped_inverses`.
+        grad: the parameter's gradient, any shape with ``numel == prod(B) * prod(d_i)``.
+        inverses: ``[*B, d_i, d_i]`` matrices, e.g. from :func:`damped_inverses`.
 
     Returns:
         :math:`V`, shape and dtype of ``grad``.
     """
     mats = [M.to(grad.dtype) for M in inverses]
-    dims = kronecker_dims(grad.shape, mats)
-    return _mode_product(mats, grad.reshape(dims)).reshape(grad.shape)
+    view = kronecker_dims(grad.shape, mats)
+    return _mode_product(mats, grad.reshape(view)).reshape(grad.shape)
 
 
 def precondition_eigen(
@@ -277,19 +299,20 @@ def precondition_eigen(
               = \\big(G \\otimes A + \\lambda I\\big)^{-1} \\mathrm{vec}(\\nabla_W)
 
     (George et al. 2018 use the same basis for EKFAC.)  Generalises to
-    :math:`k` factors with the outer product of all eigenvalue vectors.
+    :math:`k` factors with the outer product of all eigenvalue vectors, and to
+    grouped factors (one product per group).
 
     Args:
-        grad: gradient with ``numel == prod(d_i)``.
+        grad: gradient with ``numel == prod(B) * prod(d_i)``.
         eigenvectors, eigenvalues: from :func:`eigendecomposition`.
         damping: :math:`\\lambda > 0`.
     """
     Qs = [Q.to(grad.dtype) for Q in eigenvectors]
-    dims = kronecker_dims(grad.shape, Qs)
-    t = _mode_product([Q.transpose(0, 1) for Q in Qs], grad.reshape(dims))
+    view = kronecker_dims(grad.shape, Qs)
+    t = _mode_product([Q.mT for Q in Qs], grad.reshape(view))
     scale = eigenvalues[0].to(grad.dtype)
-    for d in eigenvalues[1:]:
-        scale = scale.unsqueeze(-1) * d.to(grad.dtype)
+    for j, d in enumerate(eigenvalues[1:], 1):  # [*B, d_0, ..., d_j]: outer product per group
+        scale = scale.unsqueeze(-1) * d.to(grad.dtype).reshape(*d.shape[:-1], *([1] * j), d.shape[-1])
     t = t / (scale + damping)
     return _mode_product(Qs, t).reshape(grad.shape)
 

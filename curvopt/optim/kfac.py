@@ -16,15 +16,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import UnsupportedModuleError
 from ..extensions import KFAC, KFLR, KFRA, DiagGGNExact, DiagGGNMC, Extension
 from . import _distributed as D
 from . import functional as F
-from ._base import CurvatureOptimizer
+from . import plan as P
+from ._base import (
+    AUTO_EXACT_MAX_COLUMNS,
+    CurvatureChoiceWarning,
+    CurvatureOptimizer,
+    Transaction,
+    exact_columns,
+)
 from .kronecker import DAMPING_MODES, DiagonalBlock, KroneckerBlock
 
 __all__ = ["KFACOptimizer"]
 
-_CURVATURES = ("kfac", "kflr", "kfra")
+_CURVATURES = ("kfac", "kflr", "kfra", "auto")
 
 
 class KFACOptimizer(CurvatureOptimizer):
@@ -51,16 +59,27 @@ class KFACOptimizer(CurvatureOptimizer):
     damped inverse in the factors' eigenbasis,
     :math:`V = Q_G[(Q_G^\\top \\nabla_W Q_A) \\oslash (d_G d_A^\\top + \\lambda)]Q_A^\\top`.
     Biases (factor ``[G]``) and other single-factor blocks use
-    :math:`(\\bar G + \\lambda I)^{-1}`.  Factor inverses and eigendecompositions
-    are computed in float64 (Cholesky, falling back to a clamped
-    eigendecomposition) and applied in the parameter's dtype.
+    :math:`(\\bar G + \\lambda I)^{-1}`.  Factors with a leading group
+    dimension (grouped convolutions: ``G: [g, C_out/g, C_out/g]``) are one
+    Kronecker block per group, each with its own π.  Factor inverses and
+    eigendecompositions are computed in float64 (Cholesky, falling back to a
+    clamped eigendecomposition) and applied in the parameter's dtype.
 
-    **Fallback.** A parameter for which the engine returns no Kronecker
-    factors is preconditioned with the damped running average of its GGN
-    diagonal, :math:`\\nabla \\oslash (\\bar h + \\lambda)` (``DiagGGNMC`` for
-    ``curvature="kfac"``, else ``DiagGGNExact``).  The diagonal is requested
-    from the first factor update after such a parameter is seen; on that one
-    step the parameter is not moved (warning).
+    **Blocks** (:mod:`curvopt.optim.plan`).  Every parameter gets a block:
+    Kronecker where its layer's rule has Kronecker factors, otherwise the
+    damped running average of its GGN diagonal,
+    :math:`\\nabla \\oslash (\\bar h + \\lambda)`: norm-layer affine parameters
+    (``norm_blocks="dense"``: their dense GGN block), modules without a
+    Kronecker rule, tied parameters, factors above 4096 per side.  The engine
+    computes the Kronecker factors only for the Kronecker parameters and the
+    diagonal only for the others (``Collector.only``).  The diagonal is
+    ``DiagGGNMC`` with ``curvature="kfac"`` (the same samples), ``DiagGGNExact``
+    with ``"kflr"`` (the same columns), and by cost with ``"kfra"``.  A
+    one-line summary is warned once at construction when some parameter gets a
+    diagonal block (:class:`~curvopt.optim.CurvatureChoiceWarning`);
+    :meth:`block_report` lists every parameter.  A Kronecker parameter for which
+    the engine returns no factors moves to the diagonal from the next factor
+    update on (warning; it is not moved on that one step).
 
     **Adaptive damping** (``adaptive_damping=True``, needs ``step(closure)``):
     every ``damping_adaptation_interval`` steps the closure is evaluated again
@@ -87,8 +106,12 @@ class KFACOptimizer(CurvatureOptimizer):
         lr: :math:`\\eta` (per group).
         damping: :math:`\\lambda > 0` (per group).
         params: parameters or parameter groups.
-        curvature: ``"kfac"`` (MC Fisher/GGN, ``mc_samples`` draws), ``"kflr"``
-            (exact GGN square root), ``"kfra"`` (recursive approximation).
+        curvature: ``"kfac"`` (MC Fisher/GGN, ``mc_samples`` draws: affordable for any
+            number of classes), ``"kflr"`` (exact GGN square root: ``C − 1`` columns
+            per sample for ``C`` classes, warned about above
+            :data:`~curvopt.optim._base.AUTO_EXACT_MAX_COLUMNS`), ``"kfra"``
+            (recursive approximation), or ``"auto"``: ``"kflr"`` up to that many
+            columns, ``"kfac"`` above (decided at the first loss call, said once).
         mc_samples: MC samples per input for ``curvature="kfac"``.
         factor_decay: :math:`\\varepsilon` (per group).
         factor_update_freq: :math:`T_f`; the statistics are computed only on
@@ -109,17 +132,20 @@ class KFACOptimizer(CurvatureOptimizer):
             decay then apply; ``momentum``/``weight_decay`` here must be 0).
             ``lr`` of each group is passed on (LR schedulers keep working).
         base_optimizer_kwargs: keyword arguments of ``base_optimizer``.
-        fallback: ``"diag_ggn"`` (see above) or ``"error"``.
+        fallback: ``"diag_ggn"`` (diagonal blocks, see above) or ``"error"`` (raise
+            :class:`~curvopt.errors.UnsupportedModuleError` at construction if a
+            parameter would get one).
+        norm_blocks: ``"diagonal"`` or ``"dense"`` for norm-layer affine parameters.
         adaptive_damping, damping_adaptation_interval, damping_adaptation_decay,
         min_damping: Levenberg-Marquardt adaptation (see above).
         track: extra quantities stored in ``state[p]`` every step (``"all"``: ten).
-        seed: seed of the private MC sampling stream.
+        seed: seed of the private MC sampling streams.
 
     State per parameter: ``step``, the raw statistics of the last step that
     computed them (``"kfac"``/``"kflr"``/``"kfra"``, ...), ``factors``
     (running averages), ``factor_updates``, ``inverses`` or
     ``eigenvectors``/``eigenvalues``, ``inverse_damping``,
-    ``inverse_updates``, ``momentum_buffer``; fallback: ``diag_avg``.
+    ``inverse_updates``, ``momentum_buffer``; diagonal blocks: ``diag_avg``.
     """
 
     def __init__(
@@ -142,6 +168,7 @@ class KFACOptimizer(CurvatureOptimizer):
         base_optimizer: type | None = None,
         base_optimizer_kwargs: dict | None = None,
         fallback: str = "diag_ggn",
+        norm_blocks: str = "diagonal",
         adaptive_damping: bool = False,
         damping_adaptation_interval: int = 5,
         damping_adaptation_decay: float = 0.95**5,
@@ -155,6 +182,8 @@ class KFACOptimizer(CurvatureOptimizer):
             raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
         if fallback not in ("diag_ggn", "error"):
             raise ValueError(f"fallback must be 'diag_ggn' or 'error', got {fallback!r}")
+        if norm_blocks not in P.NORM_BLOCKS:
+            raise ValueError(f"norm_blocks must be one of {P.NORM_BLOCKS}, got {norm_blocks!r}")
         for name, v in (
             ("factor_update_freq", factor_update_freq),
             ("inverse_update_freq", inverse_update_freq),
@@ -185,15 +214,18 @@ class KFACOptimizer(CurvatureOptimizer):
         self.damping_mode = damping_mode
         self.kl_clip = kl_clip
         self.fallback = fallback
+        self.norm_blocks = norm_blocks
         self.adaptive_damping = bool(adaptive_damping)
         self.damping_adaptation_interval = int(damping_adaptation_interval)
         self.damping_adaptation_decay = float(damping_adaptation_decay)
         self.min_damping = float(min_damping)
-        self._needs_diag = False
-        self._warned_missing: set[int] = set()
         #: Under ``torch.distributed``: compute each Kronecker block's inverse on one
         #: rank (by cost) and broadcast it, instead of on every rank.
         self.shard_inverses = True
+        self._columns: int | None = None  # exact loss-Hessian columns per sample (first loss)
+        self._blocks: dict[int, P.Block] = {}
+        self._demoted: dict[int, P.Block] = {}  # Kronecker parameters the engine gave no factors
+        self._warned_idle: set[int] = set()
         defaults = dict(
             lr=lr,
             damping=damping,
@@ -203,18 +235,102 @@ class KFACOptimizer(CurvatureOptimizer):
         )
         super().__init__(model, loss_fn, defaults, params=params, track=track, seed=seed)
         self.base_optimizer = None
-        if base_optimizer is not None:
-            groups = [{"params": g["params"], "lr": g["lr"]} for g in self.param_groups]
-            self.base_optimizer = base_optimizer(groups, **(base_optimizer_kwargs or {}))
+        try:
+            self._report_plan()
+            if base_optimizer is not None:
+                groups = [{"params": g["params"], "lr": g["lr"]} for g in self.param_groups]
+                self.base_optimizer = base_optimizer(groups, **(base_optimizer_kwargs or {}))
+        except BaseException:
+            self.close()  # a half-built optimizer must not hold the model
+            raise
+
+    # ------------------------------------------------------------------------- blocks
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _engine_attached(self) -> None:
+        """(Re-)plan the blocks whenever the engine is (re-)attached."""
+        self._blocks = P.plan_blocks(self.model, self._params(), self.norm_blocks)
+        self._blocks.update(self._demoted)
+
+    def _block_of(self, p: Tensor) -> P.Block:
+        return self._blocks[id(p)]
+
+    def _report_plan(self, params: list[Tensor] | None = None) -> None:
+        """Say once which parameters get a diagonal block (all Kronecker: nothing to say)."""
+        blocks = [self._block_of(p) for p in (params or self._params())]
+        if self.fallback == "error" and any(b.kind == P.DIAGONAL for b in blocks):
+            raise UnsupportedModuleError(
+                "KFACOptimizer(fallback='error'): some parameters have no Kronecker factors:\n"
+                + self.block_report() + "\nUse fallback='diag_ggn' or leave them out via params=."
+            )
+        if any(b.kind == P.DIAGONAL for b in blocks):
+            warnings.warn(
+                P.summary("KFACOptimizer", blocks)
+                + "; the diagonal ones use the damped GGN diagonal. opt.block_report() lists "
+                "every parameter.",
+                CurvatureChoiceWarning,
+                stacklevel=3,
+            )
+
+    def block_report(self) -> str:
+        """A table: each parameter's name, shape, block (Kronecker/diagonal) and why."""
+        names = self._param_names()
+        rows = [(names.get(id(p), "?"), tuple(p.shape), self._block_of(p)) for p in self._params()]
+        head = (P.summary("KFACOptimizer", [b for _, _, b in rows])
+                + f"; curvature {self._curvature_key()!r}, diagonal blocks from "
+                + f"{self._diag_extension().savefield}")
+        return head + "\n" + P.table(rows)
+
+    def _params_added(self, params: list[Tensor]) -> None:
+        if self.base_optimizer is not None:
+            self.base_optimizer.add_param_group({"params": params, "lr": self.param_groups[-1]["lr"]})
 
     # ----------------------------------------------------------------------- schedule
+    def _curvature_key(self) -> str:
+        """The resolved curvature (``"auto"`` is ``"kfac"`` until the first loss call)."""
+        if self.curvature != "auto":
+            return self.curvature
+        return "kflr" if self._columns is not None and self._exact_affordable() else "kfac"
+
+    def _exact_affordable(self) -> bool:
+        return self._columns is not None and self._columns <= AUTO_EXACT_MAX_COLUMNS
+
     def _curvature_extension(self) -> Extension:
-        if self.curvature == "kfac":
+        key = self._curvature_key()
+        if key == "kfac":
             return KFAC(mc_samples=self.mc_samples)
-        return KFLR() if self.curvature == "kflr" else KFRA()
+        return KFLR() if key == "kflr" else KFRA()
 
     def _diag_extension(self) -> Extension:
-        return DiagGGNMC(mc_samples=self.mc_samples) if self.curvature == "kfac" else DiagGGNExact()
+        key = self._curvature_key()
+        exact = key == "kflr" or (key == "kfra" and self._exact_affordable())
+        return DiagGGNExact() if exact else DiagGGNMC(mc_samples=self.mc_samples)
+
+    def _choose_curvature(self, output: Tensor) -> bool:
+        if self._columns is not None or not isinstance(self.loss_fn, nn.Module):
+            return False
+        before = (self._curvature_extension(), self._diag_extension())
+        self._columns = exact_columns(self.loss_fn, output, self._batch_size,
+                                      bool(self._collector.coupled_layers))
+        cols = f"{self._columns} loss-Hessian columns per sample"
+        if self.curvature == "auto":
+            key = self._curvature_key()
+            warnings.warn(
+                f"KFACOptimizer(curvature='auto'): {cols} -> {key!r} ("
+                + ("exact" if key == "kflr" else f"Monte Carlo, {self.mc_samples} sample(s)")
+                + f"; exact up to {AUTO_EXACT_MAX_COLUMNS} columns).",
+                CurvatureChoiceWarning,
+                stacklevel=2,
+            )
+        elif self.curvature == "kflr" and not self._exact_affordable():
+            warnings.warn(
+                f"KFACOptimizer(curvature='kflr'): {cols}, each sent back through the model "
+                "(cost grows with them); curvature='kfac' samples instead.",
+                CurvatureChoiceWarning,
+                stacklevel=2,
+            )
+        return before != (self._curvature_extension(), self._diag_extension())
 
     def _factor_due(self, step: int) -> bool:
         return (step - 1) % self.factor_update_freq == 0
@@ -222,120 +338,116 @@ class KFACOptimizer(CurvatureOptimizer):
     def _inverse_due(self, step: int) -> bool:
         return (step - 1) % self.inverse_update_freq == 0
 
+    def _kinds(self) -> dict[str, list[Tensor]]:
+        out: dict[str, list[Tensor]] = {P.KRONECKER: [], P.DIAGONAL: []}
+        for p in self._params():
+            out[self._block_of(p).kind].append(p)
+        return out
+
     def _extensions_for_step(self, step: int) -> tuple[Extension, ...]:
         if not self._factor_due(step):
             return ()
-        exts = [self._curvature_extension()]
-        if self._needs_diag:
+        kinds = self._kinds()
+        exts = []
+        if kinds[P.KRONECKER]:
+            exts.append(self._curvature_extension())
+        if kinds[P.DIAGONAL]:
             exts.append(self._diag_extension())
         return tuple(exts)
 
-    # ------------------------------------------------------------------------- blocks
-    def _block(self, st: dict):
-        if "factors" in st:
-            return KroneckerBlock(st, self.damping_mode)
-        if "diag_avg" in st:
-            return DiagonalBlock(st)
-        return None
-
-    def _update_factors(self, p: Tensor, st: dict, res: dict, decay: float) -> bool:
-        key, dkey = self.curvature, self._diag_extension().savefield
-        if key in res and "diag_avg" not in st:
-            KroneckerBlock(st, self.damping_mode).update_factors(res[key], decay)
-            return True
-        if self.fallback == "error":
-            raise RuntimeError(
-                f"KFACOptimizer: no Kronecker factors ({key}) for a parameter of shape "
-                f"{tuple(p.shape)}; use fallback='diag_ggn' or exclude it via params="
-            )
-        if dkey in res and "factors" not in st:
-            DiagonalBlock(st).update_factors(res[dkey], decay)
-            return True
-        return False
+    def _only(self, extensions):
+        kinds = self._kinds()
+        tracked = {e.savefield for e in self.track}
+        only = {}
+        for ext, kind in ((self._curvature_extension(), P.KRONECKER),
+                          (self._diag_extension(), P.DIAGONAL)):
+            if ext in extensions and ext.savefield not in tracked:
+                only[ext.savefield] = kinds[kind]
+        return only or None
 
     # --------------------------------------------------------------------------- step
-    def _update(self, step, stats, loss, closure):
-        if (
-            self.adaptive_damping
-            and closure is None
-            and step % self.damping_adaptation_interval == 0
-        ):
+    def _update(self, step, stats, loss, closure, tx: Transaction):
+        """One K-FAC step, staged in ``tx``: the named steps below, in order."""
+        self._check_closure(step, closure)
+        blocks, missing = self._update_factors(step, stats, tx)
+        self._update_inverses([(g, b) for g, _, b in blocks
+                               if self._inverse_due(step) or not b.has_inverse])
+        directions = self._precondition(blocks)
+        self._demote(missing)
+        if not directions:
+            return self._nothing_moved("no curvature yet")
+        nu = self._kl_clip(directions)
+        adapt = self.adaptive_damping and step % self.damping_adaptation_interval == 0
+        old = [p.detach().clone() for _, p, _ in directions] if adapt else None
+        for _, p, _ in directions:
+            tx.count_step(p)
+        if self.base_optimizer is not None:
+            tx.commit()
+            self._base_step(directions, nu)
+        else:
+            self._momentum_and_decay(directions, nu, tx)
+            tx.commit()
+        if adapt:
+            self._adapt_damping(directions, old, loss, closure)
+        return None
+
+    def _check_closure(self, step: int, closure) -> None:
+        if (self.adaptive_damping and closure is None
+                and step % self.damping_adaptation_interval == 0):
             raise ValueError("KFACOptimizer(adaptive_damping=True) needs step(closure)")
-        factor_due = self._factor_due(step) and stats is not None
-        if self._factor_due(step) and stats is None:
+
+    def _block(self, p: Tensor, st: dict):
+        """The curvature block over ``st`` if it has statistics yet, else ``None``."""
+        if self._block_of(p).kind == P.KRONECKER:
+            return KroneckerBlock(st, self.damping_mode) if "factors" in st else None
+        return DiagonalBlock(st) if "diag_avg" in st else None
+
+    def _update_factors(self, step, stats, tx):
+        """Factor update: running averages of the fresh statistics (on factor-update steps).
+
+        Returns ``[(group, p, block)]`` of the parameters with curvature and the
+        Kronecker parameters the engine gave no factors for.
+        """
+        due = self._factor_due(step)
+        if due and stats is None:
             warnings.warn(
                 "KFACOptimizer: no curvature statistics from a backward pass for this step "
                 "(step() without a new backward?); reusing the running averages.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=5,
             )
-        inverse_due = self._inverse_due(step)
-        blocks = []  # (group, p, st, block)
-        missing = []
+        kron_key, diag_key = self._curvature_key(), self._diag_extension().savefield
+        blocks, missing = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                st = self._param_state(p)
-                if factor_due and not self._update_factors(
-                    p, st, stats.get(p, {}), group["factor_decay"]
-                ):
-                    missing.append(p)
-                blk = self._block(st)
+                st = tx.param_state(p)
+                if due and stats is not None:
+                    res = stats.get(p, {})
+                    if self._block_of(p).kind == P.KRONECKER:
+                        if kron_key in res:
+                            KroneckerBlock(st, self.damping_mode).update_factors(
+                                res[kron_key], group["factor_decay"])
+                        else:
+                            missing.append(p)
+                    elif diag_key in res:
+                        DiagonalBlock(st).update_factors(res[diag_key], group["factor_decay"])
+                blk = self._block(p, st)
                 if blk is not None:
-                    blocks.append((group, p, st, blk))
-        self._update_inverses(
-            [(g, blk) for g, _, _, blk in blocks if inverse_due or not blk.has_inverse]
-        )
-        items = [  # (group, p, st, V)
-            (group, p, st, blk.multiply(p.grad, group["damping"]))
-            for group, p, st, blk in blocks
-        ]
-        if missing:
-            self._needs_diag = True
-            new = [tuple(p.shape) for p in missing if id(p) not in self._warned_missing]
-            self._warned_missing.update(id(p) for p in missing)
-            if new:
-                warnings.warn(
-                    f"KFACOptimizer: no Kronecker factors for parameters of shapes {new}; "
-                    "they use the diagonal GGN from the next factor update on and are not "
-                    "moved before.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-        if not items:
-            if self._global_step == 0:
-                warnings.warn(
-                    "KFACOptimizer: no curvature yet; step skipped.", RuntimeWarning, stacklevel=3
-                )
-                return False
-            return None
-
-        nu = 1.0
-        if self.kl_clip is not None:
-            nu = F.kl_clip_coefficient(
-                [(g["lr"], torch.dot(V.flatten(), p.grad.flatten())) for g, p, _, V in items],
-                self.kl_clip,
-            )
-        adapt = self.adaptive_damping and step % self.damping_adaptation_interval == 0
-        old = [p.detach().clone() for _, p, _, _ in items] if adapt else None
-        if self.base_optimizer is not None:
-            self._base_step(items, nu)
-        else:
-            for group, p, st, V in items:
-                d = V if nu == 1.0 else nu * V
-                if group["momentum"]:
-                    d = F.momentum(st.get("momentum_buffer"), d, group["momentum"])
-                    st["momentum_buffer"] = d
-                F.apply_update_(p, d, group["lr"], group["weight_decay"])
-        for _, _, st, _ in items:
-            st["step"] += 1
-        if adapt:
-            self._adapt_damping(items, old, loss, closure)
-        return None
+                    blocks.append((group, p, blk))
+                elif (due and stats is not None and self._block_of(p).kind == P.DIAGONAL
+                      and id(p) not in self._warned_idle):
+                    self._warned_idle.add(id(p))
+                    warnings.warn(
+                        f"KFACOptimizer: no GGN diagonal for parameter "
+                        f"'{self._param_names().get(id(p), '?')}' from the engine (is it "
+                        "used outside its module?); it is not moved until there is one.",
+                        RuntimeWarning, stacklevel=5)
+        return blocks, missing
 
     def _update_inverses(self, todo) -> None:
-        """Recompute the caches of ``todo`` (``[(group, block)]``), sharded over the ranks.
+        """Inverse update: recompute the caches of ``todo`` (``[(group, block)]``), sharded.
 
         In one process (or with ``shard_inverses=False``) every block is computed
         here.  Under ``torch.distributed`` each Kronecker block is computed by one
@@ -364,13 +476,54 @@ class KFACOptimizer(CurvatureOptimizer):
         for (group, blk), owner, ts in zip(kron, owners, received, strict=True):
             blk.set_cache(ts, group["damping"], computed_here=owner == me)
 
-    def _base_step(self, items, nu):
+    @staticmethod
+    def _precondition(blocks):
+        """Preconditioning: ``[(group, p, V)]``, V the damped inverse curvature times the gradient."""
+        return [(group, p, blk.multiply(p.grad, group["damping"])) for group, p, blk in blocks]
+
+    def _demote(self, missing: list[Tensor]) -> None:
+        """Kronecker parameters without factors from the engine get the diagonal from now on."""
+        if not missing:
+            return
+        names = self._param_names()
+        for p in missing:
+            blk = P.Block(P.DIAGONAL, P.NO_FACTORS, self._block_of(p).detail)
+            self._demoted[id(p)] = self._blocks[id(p)] = blk
+        warnings.warn(
+            f"KFACOptimizer: no Kronecker factors for {[names.get(id(p), '?') for p in missing]}; "
+            "they use the diagonal GGN from the next factor update on and are not moved before.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+
+    def _kl_clip(self, directions) -> float:
+        """KL clipping: the factor ν ≤ 1 that bounds the step's approximate KL divergence."""
+        if self.kl_clip is None:
+            return 1.0
+        return F.kl_clip_coefficient(
+            [(g["lr"], torch.dot(V.flatten(), p.grad.flatten())) for g, p, V in directions],
+            self.kl_clip,
+        )
+
+    @staticmethod
+    def _momentum_and_decay(directions, nu: float, tx: Transaction) -> None:
+        """Momentum, then the move with decoupled weight decay (staged in ``tx``)."""
+        for group, p, V in directions:
+            d = V if nu == 1.0 else nu * V
+            if group["momentum"]:
+                st = tx[p]
+                d = F.momentum(st.get("momentum_buffer"), d, group["momentum"])
+                st["momentum_buffer"] = d
+            tx.move(p, d, group["lr"], group["weight_decay"])
+
+    def _base_step(self, directions, nu: float) -> None:
+        """Base-optimizer branch: ``base_optimizer.step()`` on ν V as the gradient."""
         saved = []
-        for _, p, _, V in items:
+        for _, p, V in directions:
             saved.append((p, p.grad))
             p.grad = V if nu == 1.0 else nu * V
         # parameters without curvature yet are not moved by the base optimizer either
-        moved = {id(p) for _, p, _, _ in items}
+        moved = {id(p) for _, p, _ in directions}
         hidden = []
         for g_self, g_base in zip(self.param_groups, self.base_optimizer.param_groups, strict=True):
             g_base["lr"] = g_self["lr"]
@@ -384,21 +537,19 @@ class KFACOptimizer(CurvatureOptimizer):
             for p, g in saved + hidden:
                 p.grad = g
 
-    def _adapt_damping(self, items, old, loss, closure):
-        """Levenberg-Marquardt update of every group's damping from the reduction ratio."""
+    def _adapt_damping(self, directions, old, loss, closure) -> None:
+        """Adaptive damping: Levenberg-Marquardt update of every group's λ from the reduction ratio."""
         with torch.no_grad():
             model_change = 0.0
-            for (group, p, st, _), p_old in zip(items, old, strict=True):
+            for (group, p, _), p_old in zip(directions, old, strict=True):
                 delta = p.detach() - p_old
-                blk = self._block(st)
-                c_delta = blk.curvature_matvec(delta)
+                c_delta = self._block(p, self.state[p]).curvature_matvec(delta)
                 model_change += float(torch.dot(p.grad.flatten(), delta.flatten()))
                 model_change += 0.5 * float(torch.dot(delta.flatten(), c_delta.flatten()))
                 model_change += 0.5 * group["damping"] * float(delta.pow(2).sum())
-        grads = [(p, p.grad) for _, p, _, _ in items]
+        grads = [(p, p.grad) for _, p, _ in directions]
         exts = self._collector.extensions
         self._collector.extensions = ()
-        self._mc_scheduled = False
         try:
             with torch.enable_grad():
                 new_loss = closure()
@@ -411,16 +562,27 @@ class KFACOptimizer(CurvatureOptimizer):
             group["damping"] = F.lm_damping_update(
                 group["damping"], rho, self.damping_adaptation_decay, self.min_damping
             )
-        self._last_rho = rho
 
     # --------------------------------------------------------------------- state dict
     def _extra_state(self) -> dict:
-        out: dict = {"needs_diag": self._needs_diag}
+        index = {id(p): i for i, p in enumerate(self._params())}
+        out: dict = {"diagonal_fallback": sorted(index[k] for k in self._demoted if k in index)}
         if self.base_optimizer is not None:
             out["base_optimizer"] = self.base_optimizer.state_dict()
         return out
 
+    def _check_extra_state(self, extra: dict) -> str | None:
+        n = len(self._params())
+        if any(not 0 <= i < n for i in extra.get("diagonal_fallback", [])):
+            return "its diagonal_fallback indices do not fit this optimizer's parameters"
+        return None
+
     def _load_extra_state(self, extra: dict) -> None:
-        self._needs_diag = bool(extra.get("needs_diag", False))
         if self.base_optimizer is not None and "base_optimizer" in extra:
             self.base_optimizer.load_state_dict(copy.deepcopy(extra["base_optimizer"]))
+        params = self._params()
+        self._demoted = {
+            id(params[i]): P.Block(P.DIAGONAL, P.NO_FACTORS, self._block_of(params[i]).detail)
+            for i in extra.get("diagonal_fallback", [])
+        }
+        self._engine_attached()

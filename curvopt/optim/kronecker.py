@@ -9,7 +9,9 @@ cached (kfac-jax's "curvature block").
 State keys of a :class:`KroneckerBlock`:
 
 =====================  ==========================================================
-``factors``            running averages :math:`[\\bar F_1, \\dots]` (row-major ``[G, A]``)
+``factors``            running averages :math:`[\\bar F_1, \\dots]` (row-major ``[G, A]``;
+                       ``[*B, d, d]`` with group dimensions ``B``, see
+                       :func:`~curvopt.optim.functional.kronecker_dims`)
 ``factor_updates``     number of factor updates so far (int)
 ``inverses``           cached :math:`(\\bar F_i + \\delta_i I)^{-1}` (``damping_mode="pi"``)
 ``eigenvectors``       cached :math:`Q_i` (``damping_mode="eigen"``)
@@ -93,8 +95,8 @@ class KroneckerBlock:
 
     @property
     def inverse_cost(self) -> float:
-        """:math:`\\sum_i d_i^3`: the relative cost of :meth:`update_inverse`."""
-        return float(sum(f.shape[0] ** 3 for f in self.factors))
+        """:math:`\\sum_i |B|\\, d_i^3`: the relative cost of :meth:`update_inverse`."""
+        return float(sum(f.numel() * f.shape[-1] for f in self.factors))
 
     def cache(self) -> list[Tensor]:
         """The cached tensors, flat: inverses, or eigenvectors then eigenvalues."""
@@ -110,7 +112,7 @@ class KroneckerBlock:
         mats = [f.new_empty(f.shape) for f in fs]
         if self.damping_mode == "pi":
             return mats
-        return mats + [f.new_empty(f.shape[:1]) for f in fs]
+        return mats + [f.new_empty(f.shape[:-1]) for f in fs]
 
     def set_cache(self, tensors: Sequence[Tensor], damping: float,
                   computed_here: bool = False) -> None:

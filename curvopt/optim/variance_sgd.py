@@ -5,12 +5,11 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch.distributed as dist
 from torch import nn
 
 from ..extensions import Variance
 from . import functional as F
-from ._base import CurvatureOptimizer
+from ._base import CurvatureOptimizer, Transaction
 
 __all__ = ["VarianceAdaptiveSGD"]
 
@@ -86,40 +85,30 @@ class VarianceAdaptiveSGD(CurvatureOptimizer):
         return (Variance(),) if self.variance == "batch" else ()
 
     def _global_batch_size(self) -> int:
-        """N of the last backward: the engine's if it reports one, else the model input's first
-        dimension (times the world size when the engine reduces over torch.distributed)."""
-        n = getattr(self._collector, "batch_size", None)
-        if n is None:
-            n = self._batch_size or 1
-            if (
-                getattr(self._collector, "distributed", None) == "auto"
-                and dist.is_available()
-                and dist.is_initialized()
-            ):
-                n *= dist.get_world_size()
-        return int(n)
+        """N of the statistics: the samples of every backward since the last step (all
+        ranks' when the engine reduces over torch.distributed)."""
+        return self._collector.samples or 1
 
-    def _update(self, step, stats, loss, closure):
+    def _update(self, step, stats, loss, closure, tx: Transaction):
         n = self._global_batch_size()
         if self.variance == "batch" and stats is None and self._global_step > 0:
             warnings.warn(
                 "VarianceAdaptiveSGD: no gradient variance from a backward pass for this "
                 "step (step() without a new backward?); nothing moved.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=5,
             )
-        moved = False
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                st = self._param_state(p)
                 sigma2 = None
                 if self.variance == "batch":
                     var = stats.get(p, {}).get("variance") if stats is not None else None
                     if var is None:
                         continue
                     sigma2 = F.minibatch_gradient_variance(var, n)
+                st = tx.param_state(p)
                 inner = {k: st[k] for k in ("exp_avg", "var_avg", "exp_avg_sq") if k in st}
                 inner["step"] = int(st["step"].item())
                 d, new = F.msvag(
@@ -128,14 +117,8 @@ class VarianceAdaptiveSGD(CurvatureOptimizer):
                 for k in ("exp_avg", "var_avg", "exp_avg_sq", "gamma"):
                     if k in new:
                         st[k] = new[k]
-                st["step"] += 1
-                F.apply_update_(p, d, group["lr"], group["weight_decay"])
-                moved = True
-        if not moved:
-            if self._global_step == 0:
-                warnings.warn(
-                    "VarianceAdaptiveSGD: no gradient variance; step skipped.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            return False
+                tx.count_step(p)
+                tx.move(p, d, group["lr"], group["weight_decay"])
+        if not tx.moves:
+            return self._nothing_moved("no gradient variance")
+        return None

@@ -107,9 +107,3 @@ def container_params(module: nn.Module) -> list[str] | None:
     in_children = {id(p) for c in module.children() for p in c.parameters()}
     return [n for n, p in module.named_parameters(recurse=False)
             if p.requires_grad and id(p) not in in_children]
-
-
-# nn.MultiheadAttention calls its child ``out_proj`` functionally
-# (F.multi_head_attention_forward), so the child's hooks never fire: it is differentiated
-# as a whole, never treated as a container.
-_REGISTRY[nn.MultiheadAttention] = FALLBACK

@@ -81,7 +81,7 @@ def train(cfg, world=1, rank=0, resume=None):
                 saved = {"optimizer": copy.deepcopy(opt.state_dict()), "step": t + 1,
                          "model": {k: v.clone() for k, v in model.state_dict().items()}}
         return {"params": params, "saved": saved, "inverses": counted["inverses"],
-                "mc_rng": {k: v.clone() for k, v in opt._mc_rng.items()},
+                "mc_rng": opt.state_dict()["curvopt"]["mc_rng"],
                 "inverse_updates": [opt.state[p].get("inverse_updates")
                                     for p in model.parameters()]}
     finally:

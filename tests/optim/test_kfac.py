@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -272,11 +273,16 @@ def test_fallback_to_diagonal_ggn(monkeypatch):
     torch.testing.assert_close(bias.detach(), expected, rtol=1e-10, atol=1e-12)
     assert "diag_avg" in opt.state[bias] and "factors" not in opt.state[bias]
     opt.close()
-    opt2 = KFACOptimizer(tiny_mlp(0), loss_fn, curvature="kflr", fallback="error")
-    stats = {bias: {}}
-    with pytest.raises(RuntimeError, match="no Kronecker factors"):
-        opt2._update_factors(bias, {}, stats[bias], 0.9)
-    opt2.close()
+
+
+def test_fallback_error_refuses_a_parameter_without_kronecker_factors():
+    m = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).to(DT)
+    with pytest.raises(curvopt.UnsupportedModuleError, match="no Kronecker factors") as err:
+        KFACOptimizer(m, nn.CrossEntropyLoss(), fallback="error")
+    assert "1.weight" in str(err.value) and "norm affine" in str(err.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the failed one released the model: no take-over
+        KFACOptimizer(m, nn.CrossEntropyLoss(), fallback="error", norm_blocks="dense").close()
 
 
 def test_adaptive_damping_shrinks_on_a_quadratic():
@@ -299,11 +305,20 @@ def test_adaptive_damping_shrinks_on_a_quadratic():
         damping_adaptation_decay=0.5,
     )
     losses = train(opt, m, loss_fn, [(X, Y)] * 6, closure=True)
+    # every step's reduction ratio was above 3/4 (KFLR is the exact Hessian here)
     assert opt.param_groups[0]["damping"] == pytest.approx(0.5**6)
-    assert 0.75 < opt._last_rho < 1.25
     assert losses[-1] < losses[0]
     with pytest.raises(ValueError, match="closure"):
         train(opt, m, loss_fn, [(X, Y)])
+    opt.close()
+    # 2.5 Newton steps overshoot: the loss rises, ρ < 1/4, and λ grows by 1/decay
+    m.reset_parameters()
+    opt = KFACOptimizer(m, loss_fn, lr=2.5, damping=1e-3, curvature="kflr", kl_clip=None,
+                        damping_mode="eigen", adaptive_damping=True,
+                        damping_adaptation_interval=1, damping_adaptation_decay=0.5)
+    losses = train(opt, m, loss_fn, [(X, Y)] * 2, closure=True)
+    assert losses[1] > losses[0]
+    assert opt.param_groups[0]["damping"] == pytest.approx(1e-3 / 0.5**2)  # both steps
     opt.close()
 
 
