@@ -329,32 +329,20 @@ class Collector:
         _refuse_compiled(self.model)
         self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook,
                                                                   with_kwargs=True))
-        covered: list[str] = []  # modules whose whole subtree a generic rule handles
-        for name, module in self.model.named_modules():
-            if any(c == "" or name.startswith(c + ".") for c in covered):
-                continue
-            registered = rules.registered(module)
-            if registered is not None and type(registered).check is not rules.Rule.check:
+        for site in rules.walk(self.model):
+            name, module = site.name, site.module
+            if site.check is not None:
                 # e.g. BatchNorm in train mode: checked before the forward, parameters or not
                 self._handles.append(module.register_forward_pre_hook(
-                    self._call_check(registered, name)))
-            own = rules.container_params(module)
-            if own is not None:  # children keep their rules; the container's own parameters
-                if own:
-                    self._handles.append(module.register_forward_hook(
-                        self._container_hook(name, own), with_kwargs=True))
-                continue
-            rule = rules.hooked(module)
-            if rule is None:
-                if not any(True for _ in module.children()):
-                    # parameter-free leaf (activation, pooling, ...): a KFRA boundary
-                    self._handles.append(module.register_forward_hook(self._boundary_hook(name)))
-                continue
-            if getattr(rule, "covers_subtree", False):
-                covered.append(name)
-            self._handles.append(
-                module.register_forward_hook(self._forward_hook(name, rule), with_kwargs=True)
-            )
+                    self._call_check(site.check, name)))
+            if site.role == "container" and site.params:
+                self._handles.append(module.register_forward_hook(
+                    self._container_hook(name, [n for n, _ in site.params]), with_kwargs=True))
+            elif site.role == "leaf":  # activation, pooling, ...: a KFRA boundary
+                self._handles.append(module.register_forward_hook(self._boundary_hook(name)))
+            elif site.role == "layer":
+                self._handles.append(module.register_forward_hook(
+                    self._forward_hook(name, site.rule), with_kwargs=True))
         if isinstance(self.loss_fn, nn.Module):
             self._handles.append(self.loss_fn.register_forward_pre_hook(self._loss_pre_hook))
             self._handles.append(self.loss_fn.register_forward_hook(self._loss_hook))

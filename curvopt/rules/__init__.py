@@ -25,7 +25,16 @@ from __future__ import annotations
 from . import activations, attention, conv, embedding, hf, linear, norm, timm  # noqa: F401
 from .fallback import FALLBACK
 from .layout import Dense, Elementwise, Embedding, Layout, Materialized, Rule
-from .registry import container_params, hooked, lookup, register, register_lazy, registered
+from .registry import (
+    Site,
+    container_params,
+    hooked,
+    lookup,
+    register,
+    register_lazy,
+    registered,
+    walk,
+)
 
 __all__ = [
     "Rule",
@@ -41,5 +50,7 @@ __all__ = [
     "registered",
     "hooked",
     "container_params",
+    "walk",
+    "Site",
     "activations",
 ]
