@@ -1,9 +1,7 @@
 """Turn a validated :class:`~curvopt.recipes.schema.RecipeConfig` into model, loss, optimizer, data.
 
 The optimizer registry :data:`OPTIMIZERS` maps a recipe's ``optimizer.name`` to a
-constructor.  curvopt's own optimizers are imported lazily, inside the
-constructor, so recipes load (and the baselines run) in an installation
-where :mod:`curvopt.optim` is incomplete.
+constructor; optional dependencies (torch-optimizer) are imported on use.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvopt import optim
 from curvopt.recipes._extras import need
 from curvopt.recipes.data import Data, TextData, data_shapes, make_data
 from curvopt.recipes.schema import (
@@ -64,21 +63,6 @@ class OptimizerSpec:
     create_graph: bool = False
 
 
-def _curvopt_optimizer(cls_name: str) -> Callable[[], type]:
-    def resolve() -> type:
-        try:
-            import curvopt.optim as optim
-
-            return getattr(optim, cls_name)
-        except (ImportError, AttributeError) as err:
-            raise RecipeError(
-                f"optimizer class curvopt.optim.{cls_name} is not available in this "
-                f"installation ({err}); use a baseline (sgd, adam, adamw, adahessian)"
-            ) from err
-
-    return resolve
-
-
 def _adahessian() -> type:
     return need("torch_optimizer", "optimizer 'adahessian'").Adahessian
 
@@ -88,11 +72,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adam": OptimizerSpec(lambda: torch.optim.Adam),
     "adamw": OptimizerSpec(lambda: torch.optim.AdamW),
     "adahessian": OptimizerSpec(_adahessian, create_graph=True),
-    "kfac": OptimizerSpec(_curvopt_optimizer("KFACOptimizer"), takes_model=True),
-    "diag_ggn_adam": OptimizerSpec(_curvopt_optimizer("DiagGGNAdam"), takes_model=True),
-    "variance_adaptive_sgd": OptimizerSpec(
-        _curvopt_optimizer("VarianceAdaptiveSGD"), takes_model=True
-    ),
+    "kfac": OptimizerSpec(lambda: optim.KFACOptimizer, takes_model=True),
+    "diag_ggn_adam": OptimizerSpec(lambda: optim.DiagGGNAdam, takes_model=True),
+    "variance_adaptive_sgd": OptimizerSpec(lambda: optim.VarianceAdaptiveSGD, takes_model=True),
 }
 
 #: Constructor arguments never taken from a recipe's ``[optimizer]`` table.
