@@ -364,8 +364,11 @@ class DenseBound(Bound):
         Xf = X[:, :, 0].reshape(-1, X.shape[-1])
         rhs = ((Rf @ u) * (Xf @ v)).sum()
         tol = round_off(t.dtype) if tol is None else tol
-        # Cauchy-Schwarz scale of uᵀtv: round-off stays far below it, a real mismatch not
-        bound = torch.linalg.vector_norm(u) * torch.linalg.vector_norm(v) * torch.linalg.vector_norm(t2)
+        # Cauchy-Schwarz scale of the summed terms (not of their sum, which cancellation can
+        # make tiny: a bias before a train-mode BatchNorm): round-off stays far below it
+        terms = (torch.linalg.vector_norm(Rf, dim=1) * torch.linalg.vector_norm(Xf, dim=1)).sum()
+        bound = (torch.linalg.vector_norm(u) * torch.linalg.vector_norm(v)
+                 * (torch.linalg.vector_norm(t2) + terms))
         return bool((lhs - rhs).abs() <= tol * bound + 1e-30)
 
     def total(self):
