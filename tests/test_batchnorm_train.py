@@ -47,9 +47,16 @@ def _rows_reference(model, loss_fn, X, y):
     loss = loss_fn(o, y)
     keys = ["0", "1", "3"]
     g = dict(zip(keys, torch.autograd.grad(loss, [out[k] for k in keys], retain_graph=True)))
+    # The loss Hessian is block-diagonal over samples: each root column of one sample alone
+    # (a column shared by all samples would add cross products through the coupling).
     S = losses.of(loss_fn).sqrt_hessian(o, y)
-    cols = [dict(zip(keys, torch.autograd.grad(o, [out[k] for k in keys], s, retain_graph=True)))
-            for s in S]
+    cols = []
+    for s in S:
+        for n in range(len(X)):
+            sn = torch.zeros_like(s)
+            sn[n] = s[n]
+            cols.append(dict(zip(keys, torch.autograd.grad(o, [out[k] for k in keys], sn,
+                                                          retain_graph=True))))
     xhat = torch.nn.functional.batch_norm(ins["1"].detach(), None, None, training=True, eps=model[1].eps)
 
     def per_row(k, r):  # per-sample (row) gradients of each parameter of layer k

@@ -132,3 +132,24 @@ def test_call_not_on_the_models_batch_raises():
     with pytest.raises(CurvoptError, match="rel"):
         with curvopt.collect(model, nn.CrossEntropyLoss(), curvopt.BatchGrad()):
             nn.CrossEntropyLoss()(model(X), y).backward()
+
+
+class ChildUsedFunctionally(nn.Module):
+    """A parent using its child's weight via F.linear: no call of the child is recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.nn.functional.linear(x, self.inner.weight))
+
+
+def test_parameter_used_outside_recorded_calls_warns():
+    torch.manual_seed(0)
+    model, loss_fn = ChildUsedFunctionally(), nn.CrossEntropyLoss()
+    X, y = torch.randn(3, 4), torch.randint(0, 2, (3,))
+    with pytest.warns(RuntimeWarning, match="inner.weight"):
+        with curvopt.collect(model, loss_fn, curvopt.BatchGrad()):
+            loss_fn(model(X), y).backward()

@@ -253,6 +253,8 @@ class Collector:
         self.only: dict | None = None
         self._loss = None  # curvopt.losses.Loss of loss_fn, once a quantity needs it
         self._model_batch: int | None = None  # leading dimension of the model's first input
+        self._no_grad_yet: list = []
+        self._warned_unrecorded: set[str] = set()
         self._backwards = 0
         self._handles: list = []
         # Records of forward passes not yet reached by a backward.  A record and its graph
@@ -327,32 +329,20 @@ class Collector:
         _refuse_compiled(self.model)
         self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook,
                                                                   with_kwargs=True))
-        covered: list[str] = []  # modules whose whole subtree a generic rule handles
-        for name, module in self.model.named_modules():
-            if any(c == "" or name.startswith(c + ".") for c in covered):
-                continue
-            registered = rules.registered(module)
-            if registered is not None and type(registered).check is not rules.Rule.check:
+        for site in rules.walk(self.model):
+            name, module = site.name, site.module
+            if site.check is not None:
                 # e.g. BatchNorm in train mode: checked before the forward, parameters or not
                 self._handles.append(module.register_forward_pre_hook(
-                    self._call_check(registered, name)))
-            own = rules.container_params(module)
-            if own is not None:  # children keep their rules; the container's own parameters
-                if own:
-                    self._handles.append(module.register_forward_hook(
-                        self._container_hook(name, own), with_kwargs=True))
-                continue
-            rule = rules.hooked(module)
-            if rule is None:
-                if not any(True for _ in module.children()):
-                    # parameter-free leaf (activation, pooling, ...): a KFRA boundary
-                    self._handles.append(module.register_forward_hook(self._boundary_hook(name)))
-                continue
-            if getattr(rule, "covers_subtree", False):
-                covered.append(name)
-            self._handles.append(
-                module.register_forward_hook(self._forward_hook(name, rule), with_kwargs=True)
-            )
+                    self._call_check(site.check, name)))
+            if site.role == "container" and site.params:
+                self._handles.append(module.register_forward_hook(
+                    self._container_hook(name, [n for n, _ in site.params]), with_kwargs=True))
+            elif site.role == "leaf":  # activation, pooling, ...: a KFRA boundary
+                self._handles.append(module.register_forward_hook(self._boundary_hook(name)))
+            elif site.role == "layer":
+                self._handles.append(module.register_forward_hook(
+                    self._forward_hook(name, site.rule), with_kwargs=True))
         if isinstance(self.loss_fn, nn.Module):
             self._handles.append(self.loss_fn.register_forward_pre_hook(self._loss_pre_hook))
             self._handles.append(self.loss_fn.register_forward_hook(self._loss_hook))
@@ -408,6 +398,9 @@ class Collector:
         if self._extensions and torch.is_grad_enabled() and not self._computing:
             x = next((a for a in (*args, *kwargs.values()) if torch.is_tensor(a) and a.dim()), None)
             self._model_batch = int(x.shape[0]) if x is not None else None
+            # parameters without a gradient yet: one that has one after the backward but no
+            # recorded call was used where curvopt cannot see it (_check_unrecorded)
+            self._no_grad_yet = [p for p in self._names if p.requires_grad and p.grad is None]
 
     def _rows_per_sample(self, o: Tensor) -> int:
         """Loss rows per model sample: ``T`` when the loss sees ``[N·T, ...]`` rows of ``N``
@@ -643,6 +636,7 @@ class Collector:
             loss=self._loss, output=lc.input, target=lc.target, grad_output=self._unscale(g),
             records=recs, boundaries=self._boundaries, requests=self._extensions,
             mc_generator=self.mc_generator, rows_per_sample=self._rows_per_sample(lc.input),
+            coupled=self._coupled,
             global_batch=(lambda: self._global_batch(lc.input.shape[0], lc.input.device))
             if self._dist_on() else None,
         )
@@ -721,11 +715,30 @@ class Collector:
             self._grad_was_none = set()
             for r in recs:  # free captured tensors and the graph node
                 r.retire()
+        self._check_unrecorded()
         if self.set_attributes:
             for name, res in self.results.items():
                 p = self._param_by_name(name)
                 for k, v in res.items():
                     setattr(p, k, v)
+
+    def _check_unrecorded(self) -> None:
+        """Warn (once per parameter) about a parameter that received a gradient in this
+        backward but was not used in any call curvopt recorded: it has no quantities."""
+        missing = [self._names[p] for p in self._no_grad_yet
+                   if p.grad is not None and self._names[p] not in self.results
+                   and self._names[p] not in self._warned_unrecorded]
+        self._no_grad_yet = []
+        if missing and self._extensions:
+            self._warned_unrecorded.update(missing)
+            warnings.warn(
+                f"curvopt: parameter(s) {', '.join(missing)} received a gradient but were used "
+                "outside every module call curvopt records (e.g. a child module's weight used "
+                "via F.linear by its parent), so they have no quantities. Route their use "
+                "through the module that owns them.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _param_by_name(self, name):
         if self._by_name is None:
@@ -809,8 +822,8 @@ def _check_batch(rec: Record, lay) -> None:
     """Refuse a call whose batch is not the model's: its rows are not samples (relative
     position ids ``[T, T]``), or a batch of one that was not broadcast over the batch."""
     N = rec.batch
-    if N is None or lay.N == N or (isinstance(rec.rule, FallbackRule) and lay.N != 1):
-        return  # (the generic rule reads the batch where the module keeps it)
+    if N is None or lay.N == N or (rec.rule.locates_batch and lay.N != 1):
+        return
     raise CollectError(
         f"layer '{rec.name}' was called on {lay.N} rows while the model's input has {N} "
         "samples: its inputs do not run along the batch (e.g. relative positions [T, T], or "
@@ -832,14 +845,18 @@ def _check_coverage(ctx: ParamContext) -> None:
     grad = ctx.fresh_grad
     if len(bounds) != 1:
         return
+    # round-off of the backward autograd ran (bfloat16 under autocast) or of p.grad
+    tol = max(round_off(grad.dtype), *(round_off(r.output.dtype) for r, _ in ctx.items))
     b = bounds[0]
     if isinstance(b, DenseBound):
-        if b.X.shape[2] != 1 or b.layout.transposed or b.matches_total(grad):
+        if b.X.shape[2] != 1 or b.layout.transposed or b.matches_total(grad, tol):
             return
     else:
         total = b.total().to(grad.dtype)
-        tol = round_off(grad.dtype)
-        scale = float(total.abs().max()) if total.numel() else 0.0
+        # round-off scales with the summed per-sample terms, not with their (possibly
+        # cancelling) sum: an exactly-zero gradient (a bias before a BatchNorm) is no mismatch
+        terms = b.per_sample()[0].abs().sum(0) if grad.numel() * ctx.N <= 1 << 22 else total.abs()
+        scale = float(terms.max()) if terms.numel() else 0.0
         if scale == scale and torch.allclose(total, grad, rtol=tol, atol=tol * scale + 1e-30):
             return
     if not torch.isfinite(grad).all():

@@ -222,13 +222,15 @@ def parse_track(track: Any) -> tuple[Extension, ...]:
     return tuple(out)
 
 
-def exact_columns(loss_fn: nn.Module, output: Tensor, batch: int | None = None) -> int:
+def exact_columns(loss_fn: nn.Module, output: Tensor, batch: int | None = None,
+                  coupled: bool = False) -> int:
     """Columns per model sample of the exact loss-Hessian square root the engine sends back.
 
     ``C − 1`` per position for cross-entropy / NLL over ``C`` classes (times the
     positions of ``[N, C, d…]`` outputs), one per output element otherwise; times
     ``T`` when the loss sees ``[N·T, …]`` rows of a model batch of ``batch = N``
-    (``logits.reshape(-1, V)``: the engine gives each row its own columns).
+    (``logits.reshape(-1, V)``: the engine gives each row its own columns); times ``N``
+    when a layer couples the samples.
     """
     if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and output.dim() >= 2:
         per_row = (output.shape[1] - 1) * math.prod(output.shape[2:])
@@ -236,8 +238,10 @@ def exact_columns(loss_fn: nn.Module, output: Tensor, batch: int | None = None) 
         per_row = output[0].numel() if output.dim() else 1
     rows = output.shape[0] if output.dim() else 1
     if batch and rows != batch and rows % batch == 0:
-        return per_row * (rows // batch)
-    return per_row
+        per_row *= rows // batch
+    # a layer coupling the batch (train-mode BatchNorm): the engine isolates each sample's
+    # columns, N times as many
+    return per_row * (batch or rows) if coupled else per_row
 
 
 def _merge(required: Iterable[Extension], tracked: Iterable[Extension]) -> tuple[Extension, ...]:

@@ -139,7 +139,8 @@ class DiagGGNAdam(CurvatureOptimizer):
     def _choose_curvature(self, output: Tensor) -> bool:
         if self.curvature != "auto" or self._columns is not None:
             return False
-        self._columns = exact_columns(self.loss_fn, output, self._batch_size)
+        self._columns = exact_columns(self.loss_fn, output, self._batch_size,
+                                      bool(self._collector.coupled_layers))
         which = "exact" if self._exact() else f"Monte Carlo, {self.mc_samples} sample(s)"
         warnings.warn(
             f"DiagGGNAdam(curvature='auto'): {self._columns} loss-Hessian columns per sample "

@@ -400,7 +400,8 @@ class KFACOptimizer(CurvatureOptimizer):
         if self._columns is not None or not isinstance(self.loss_fn, nn.Module):
             return False
         before = (self._curvature_extension(), self._diag_extension())
-        self._columns = exact_columns(self.loss_fn, output, self._batch_size)
+        self._columns = exact_columns(self.loss_fn, output, self._batch_size,
+                                      bool(self._collector.coupled_layers))
         cols = f"{self._columns} loss-Hessian columns per sample"
         if self.curvature == "auto":
             key = self._curvature_key()

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..rules import hooked
+from ..rules import walk
+from ..rules.fallback import FallbackRule
 from ..rules.layout import MAX_DENSE_BLOCK
 
 __all__ = ["Block", "plan_blocks", "summary", "table", "NORM_BLOCKS"]
@@ -39,6 +40,7 @@ _NORMS = tuple(t for t in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.Grou
 # Reasons (the categories of the start-up summary).
 NORM = "norm affine"
 NO_RULE = "no Kronecker rule"
+CONTAINER = "used by its container itself"
 SHARED = "shared by several modules"
 TOO_LARGE = f"Kronecker factor above {MAX_DENSE_BLOCK}"
 NO_FACTORS = "no factors from the engine"
@@ -62,22 +64,16 @@ def plan_blocks(model: nn.Module, params: list[Tensor], norm_blocks: str = "diag
                 ) -> dict[int, Block]:
     """The block of each of ``params`` (keyed by ``id``), as the engine will see the model."""
     owners: dict[int, list] = {}  # id(p) -> [(module name, module, parameter name, kronecker)]
-    covered: list[str] = []
-    for name, module in model.named_modules():
-        if any(c == "" or name.startswith(c + ".") for c in covered):
-            continue
-        rule = hooked(module)  # as the engine's attach: the rule of a recorded module call
-        if rule is None:
-            continue
-        if getattr(rule, "covers_subtree", False):
-            covered.append(name)
-            for n, p in module.named_parameters():
-                owners.setdefault(id(p), []).append((name, module, n, None))
-            continue
-        kron = rule.kronecker(module)
-        for n, p in module.named_parameters(recurse=False):
-            if p.requires_grad:
-                owners.setdefault(id(p), []).append((name, module, n, n in kron))
+    for site in walk(model):  # the engine's own view of the model
+        if site.role == "container":  # read at the operation broadcasting it: a diagonal
+            for n, p in site.params:
+                owners.setdefault(id(p), []).append((site.name, site.module, n, CONTAINER))
+        elif site.role == "layer":
+            generic = isinstance(site.rule, FallbackRule)
+            kron = site.rule.kronecker(site.module)
+            for n, p in site.params:
+                owners.setdefault(id(p), []).append(
+                    (site.name, site.module, n, None if generic else n in kron))
     return {id(p): _block(p, owners.get(id(p), []), norm_blocks) for p in params}
 
 
@@ -90,6 +86,8 @@ def _block(p: Tensor, owners: list, norm_blocks: str) -> Block:
     mname, module, pname, kron = owners[0]
     if kron is None:
         return Block(DIAGONAL, NO_RULE, f"{where}: the generic per-sample rule")
+    if kron == CONTAINER:
+        return Block(DIAGONAL, CONTAINER, f"{where}.{pname}")
     if _is_norm(module):
         if norm_blocks == "dense" and p.numel() <= MAX_DENSE_BLOCK:
             return Block(KRONECKER, type(module).__name__, f"{where}: dense GGN block")

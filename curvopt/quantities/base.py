@@ -185,6 +185,8 @@ class BackwardContext:
     global_batch: Callable[[], GlobalBatch] | None = None
     #: loss rows per model sample (``logits.reshape(-1, V)`` of ``[N, T, V]``: ``T``)
     rows_per_sample: int = 1
+    #: a layer coupled the samples (batch_coupling="rows"): exact columns per sample
+    coupled: bool = False
 
     def kinds(self) -> set[tuple]:
         return set().union(*(q.columns() for q in self.requests)) if self.requests else set()

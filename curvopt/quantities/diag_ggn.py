@@ -22,6 +22,8 @@ from .base import EXACT, Quantity, mc, sender
 @sender("exact")
 def _send_exact(ctx, kinds):
     S = per_sample_columns(ctx.loss.sqrt_hessian(ctx.output, ctx.target), ctx.rows_per_sample)
+    if ctx.coupled:
+        S = isolated_columns(S, ctx.output.shape[0] // ctx.rows_per_sample)
     send_back(ctx.output, ctx.records, S, lambda r, g: setattr(r.columns, "exact", g))
 
 
@@ -48,6 +50,20 @@ def per_sample_columns(S, T: int):
     S = S.reshape(K, 1, R // T, T, *S.shape[2:])
     eye = torch.eye(T, dtype=S.dtype, device=S.device).reshape(1, T, 1, T, *[1] * (S.dim() - 4))
     return (S * eye).reshape(K * T, R, *S.shape[4:])
+
+
+def isolated_columns(S, N: int):
+    """``[K, N·T, *c]`` -> ``[K·N, N·T, *c]``: each column restricted to one sample's rows.
+
+    A column shared by all samples is exact only while every sample's layers see their own
+    sample alone: through a layer that couples the batch (train-mode BatchNorm) the cross
+    products of different samples' roots would enter.  Isolated, the rows-as-samples GGN
+    :math:`\\sum_n J_{z_n}^\\top [J^\\top H J]_{nn} J_{z_n}` is exact, at ``N`` times the columns.
+    """
+    K, R = S.shape[:2]
+    S = S.reshape(K, 1, N, R // N, *S.shape[2:])
+    eye = torch.eye(N, dtype=S.dtype, device=S.device).reshape(1, N, N, *[1] * (S.dim() - 3))
+    return (S * eye).reshape(K * N, R, *S.shape[4:])
 
 
 def exact_diagonal(ctx):

@@ -1,9 +1,7 @@
 """Turn a validated :class:`~curvopt.recipes.schema.RecipeConfig` into model, loss, optimizer, data.
 
 The optimizer registry :data:`OPTIMIZERS` maps a recipe's ``optimizer.name`` to a
-constructor.  curvopt's own optimizers are imported lazily, inside the
-constructor, so recipes load (and the baselines run) in an installation
-where :mod:`curvopt.optim` is incomplete.
+constructor; optional dependencies (torch-optimizer) are imported on use.
 """
 
 from __future__ import annotations
@@ -18,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvopt import optim
 from curvopt.recipes._extras import need
-from curvopt.recipes.data import Data, data_shapes, make_data
+from curvopt.recipes.data import Data, TextData, data_shapes, make_data
 from curvopt.recipes.schema import (
     ModelConfig,
     RecipeConfig,
@@ -31,6 +30,9 @@ from curvopt.recipes.schema import (
 
 __all__ = [
     "OPTIMIZERS",
+    "LANGUAGE_MODELS",
+    "CharGPT",
+    "HFCausalLM",
     "OptimizerSpec",
     "Built",
     "build",
@@ -61,21 +63,6 @@ class OptimizerSpec:
     create_graph: bool = False
 
 
-def _curvopt_optimizer(cls_name: str) -> Callable[[], type]:
-    def resolve() -> type:
-        try:
-            import curvopt.optim as optim
-
-            return getattr(optim, cls_name)
-        except (ImportError, AttributeError) as err:
-            raise RecipeError(
-                f"optimizer class curvopt.optim.{cls_name} is not available in this "
-                f"installation ({err}); use a baseline (sgd, adam, adamw, adahessian)"
-            ) from err
-
-    return resolve
-
-
 def _adahessian() -> type:
     return need("torch_optimizer", "optimizer 'adahessian'").Adahessian
 
@@ -85,11 +72,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adam": OptimizerSpec(lambda: torch.optim.Adam),
     "adamw": OptimizerSpec(lambda: torch.optim.AdamW),
     "adahessian": OptimizerSpec(_adahessian, create_graph=True),
-    "kfac": OptimizerSpec(_curvopt_optimizer("KFACOptimizer"), takes_model=True),
-    "diag_ggn_adam": OptimizerSpec(_curvopt_optimizer("DiagGGNAdam"), takes_model=True),
-    "variance_adaptive_sgd": OptimizerSpec(
-        _curvopt_optimizer("VarianceAdaptiveSGD"), takes_model=True
-    ),
+    "kfac": OptimizerSpec(lambda: optim.KFACOptimizer, takes_model=True),
+    "diag_ggn_adam": OptimizerSpec(lambda: optim.DiagGGNAdam, takes_model=True),
+    "variance_adaptive_sgd": OptimizerSpec(lambda: optim.VarianceAdaptiveSGD, takes_model=True),
 }
 
 #: Constructor arguments never taken from a recipe's ``[optimizer]`` table.
@@ -233,8 +218,111 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+class CausalBlock(nn.Module):
+    """A pre-LN transformer block: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))``.
+
+    ``Attn`` is ``nn.MultiheadAttention`` with a causal mask (position t attends to
+    positions <= t), ``MLP = Linear(d, h) → act → Linear(h, d)``.  Shapes ``[N, T, d]``.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, hidden: int, act: nn.Module, bias: bool):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = nn.MultiheadAttention(d_model, n_heads, bias=bias, batch_first=True)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, hidden, bias=bias), act,
+                                 nn.Linear(hidden, d_model, bias=bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)  # True: masked
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=future, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class CharGPT(nn.Module):
+    """A GPT-style causal language model from ``torch.nn`` (see :class:`ModelConfig`).
+
+    ``forward(ids [N, T]) -> logits [N, V, T]``: class dimension second, as
+    ``nn.CrossEntropyLoss`` wants it with targets ``[N, T]``.  The position embedding is
+    called on ids ``[1, T]`` and broadcast over the batch (as GPT-2's ``wpe``).
+    Initialisation as GPT-2: weights ``N(0, 0.02²)``, biases 0.
+    """
+
+    def __init__(self, config: ModelConfig, vocab_size: int, block_size: int):
+        super().__init__()
+        d = config.d_model
+        self.tok = nn.Embedding(vocab_size, d)
+        self.pos = nn.Embedding(block_size, d)
+        self.blocks = nn.Sequential(*[
+            CausalBlock(d, config.n_heads, config.mlp_ratio * d,
+                        _ACTIVATIONS[_one_activation(config)](), config.bias)
+            for _ in range(config.n_layers)])
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab_size, bias=config.bias)
+        norms = {id(p) for m in self.modules() if isinstance(m, nn.LayerNorm)
+                 for p in m.parameters()}
+        with torch.no_grad():
+            for p in self.parameters():
+                if id(p) not in norms:  # LayerNorm keeps its (1, 0)
+                    p.normal_(0.0, 0.02) if p.dim() > 1 else p.zero_()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device)[None]
+        x = self.tok(ids) + self.pos(positions)
+        return self.head(self.ln(self.blocks(x))).transpose(1, 2)
+
+
+class HFCausalLM(nn.Module):
+    """A Hugging Face causal LM with the output of :class:`CharGPT`: logits ``[N, V, T]``."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids).logits.transpose(1, 2)
+
+
+#: The ``model.kind`` values that are language models (they need text data).
+LANGUAGE_MODELS = ("gpt", "hf_gpt2")
+
+#: Activations of ``hf_gpt2`` by the names Hugging Face's ``ACT2FN`` knows them.
+_HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "tanh": "tanh", "sigmoid": "sigmoid"}
+
+
+def _one_activation(config: ModelConfig) -> str:
+    if not isinstance(config.activation, str):
+        raise RecipeError(f"model.activation: a {config.kind!r} model takes one name, got "
+                          f"{list(config.activation)}")
+    return config.activation
+
+
+def _hf_gpt2(config: ModelConfig, vocab_size: int, block_size: int) -> nn.Module:
+    transformers = need("transformers", "model.kind = 'hf_gpt2'")
+    act = _one_activation(config)
+    if act not in _HF_ACTIVATIONS:
+        raise RecipeError(f"model.activation: {act!r} is not one of hf_gpt2's; valid choices: "
+                          + ", ".join(_HF_ACTIVATIONS))
+    if not config.bias:
+        raise RecipeError("model.bias: hf_gpt2's layers always have biases; use kind = 'gpt'")
+    gpt2 = transformers.GPT2Config(
+        vocab_size=vocab_size, n_positions=block_size, n_embd=config.d_model,
+        n_layer=config.n_layers, n_head=config.n_heads, n_inner=config.mlp_ratio * config.d_model,
+        activation_function=_HF_ACTIVATIONS[act], resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
+    return HFCausalLM(transformers.GPT2LMHeadModel(gpt2))
+
+
 def build_model(config: ModelConfig, in_shape: tuple[int, ...], out_features: int) -> nn.Module:
-    """An ``nn.Sequential`` from the declarative spec (initialised with torch's global RNG)."""
+    """The network of the declarative spec (initialised with torch's global RNG): an
+    ``nn.Sequential`` for ``mlp`` and ``cnn``; for ``gpt`` / ``hf_gpt2`` a language model over
+    ``out_features`` tokens with context ``in_shape[0]``."""
+    if config.kind == "gpt":
+        return CharGPT(config, out_features, in_shape[0])
+    if config.kind == "hf_gpt2":
+        return _hf_gpt2(config, out_features, in_shape[0])
     n_hidden = len(config.hidden) + (len(config.channels) if config.kind == "cnn" else 0)
     acts = config.activation
     acts = (acts,) * n_hidden if isinstance(acts, str) else acts
@@ -307,7 +395,7 @@ class Built:
         model: the network, initialised from ``train.seed``.
         loss_fn: the loss module.
         optimizer: the optimizer over ``model``.
-        data: the train/test split.
+        data: the train/test split (:class:`TextData` for text).
         scheduler: the learning-rate schedule (step it after every optimizer step).
         total_steps: number of steps the recipe trains for.
         create_graph: whether ``backward`` needs ``create_graph=True``.
@@ -317,7 +405,7 @@ class Built:
     model: nn.Module
     loss_fn: nn.Module
     optimizer: torch.optim.Optimizer
-    data: Data
+    data: Data | TextData
     scheduler: torch.optim.lr_scheduler.LambdaLR
     total_steps: int
     create_graph: bool
@@ -345,7 +433,7 @@ def build(config: RecipeConfig) -> Built:
     model = build_model(config.model, data.in_shape, data.out_features)
     loss_fn = build_loss(config)
     optimizer = build_optimizer(config, model, loss_fn)
-    steps = total_steps(config, data.x_train.shape[0])
+    steps = total_steps(config, data.n_train)
     scheduler = build_scheduler(config, optimizer, steps)
     return Built(
         model=model,

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from curvopt.recipes._extras import need
-from curvopt.recipes.builder import check_buildable, check_optimizer_params
+from curvopt.recipes.builder import LANGUAGE_MODELS, check_buildable, check_optimizer_params
+from curvopt.recipes.data import text_files
 from curvopt.recipes.schema import RecipeConfig, RecipeError, from_dict
 
 __all__ = ["load", "parse", "read_toml", "parse_override", "apply_overrides"]
@@ -124,13 +125,27 @@ def _check(config: RecipeConfig) -> RecipeConfig:
         raise RecipeError(
             f"model.kind: 'cnn' needs image data; data.name {d.name!r} is not (valid: 'digits')"
         )
-    want = {"digits": "cross_entropy", "regression": "mse"}[d.name]
-    if config.loss.name != want:
+    if (m.kind in LANGUAGE_MODELS) != (d.name == "torch_source"):
         raise RecipeError(
-            f"loss.name: {config.loss.name!r} does not fit data.name {d.name!r}; use {want!r}"
+            f"model.kind {m.kind!r} does not fit data.name {d.name!r}: the language models "
+            f"({', '.join(LANGUAGE_MODELS)}) go with text (data.name = 'torch_source') and "
+            "only they do"
+        )
+    want = {"digits": "cross_entropy", "regression": "mse", "torch_source": "cross_entropy"}
+    if config.loss.name != want[d.name]:
+        raise RecipeError(
+            f"loss.name: {config.loss.name!r} does not fit data.name {d.name!r}; "
+            f"use {want[d.name]!r}"
         )
     n_hidden = len(m.hidden) + (len(m.channels) if m.kind == "cnn" else 0)
-    if not isinstance(m.activation, str) and len(m.activation) != n_hidden:
+    if m.kind in LANGUAGE_MODELS and not isinstance(m.activation, str):
+        raise RecipeError(f"model.activation: a {m.kind!r} model takes one name (its MLP's), "
+                          f"got {list(m.activation)}")
+    if m.kind in LANGUAGE_MODELS and m.d_model % max(m.n_heads, 1):
+        raise RecipeError(f"model.n_heads: must divide model.d_model = {m.d_model}, "
+                          f"got {m.n_heads}")
+    if m.kind not in LANGUAGE_MODELS and not isinstance(m.activation, str) \
+            and len(m.activation) != n_hidden:
         raise RecipeError(
             f"model.activation: a list needs one name per hidden layer ({n_hidden}), "
             f"got {len(m.activation)}"
@@ -152,12 +167,21 @@ def _check(config: RecipeConfig) -> RecipeConfig:
         "data.n_samples": d.n_samples,
         "data.n_features": d.n_features,
         "data.n_outputs": d.n_outputs,
+        "data.max_bytes": d.max_bytes,
+        "data.block_size": d.block_size,
+        "data.eval_windows": d.eval_windows,
+        "model.d_model": m.d_model,
+        "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads,
+        "model.mlp_ratio": m.mlp_ratio,
     }
     for key, value in positive.items():
         if value is not None and value < 1:
             raise RecipeError(f"{key}: must be a positive integer, got {value}")
     if not 0.0 < d.test_fraction < 1.0:
         raise RecipeError(f"data.test_fraction: must lie in (0, 1), got {d.test_fraction}")
+    if d.name == "torch_source":
+        text_files(d)  # the folders exist and hold enough text (names and sizes only)
     if t.log_every < 0 or config.schedule.warmup_steps < 0:
         raise RecipeError("train.log_every and schedule.warmup_steps must be >= 0")
     if config.optimizer.lr is not None and config.optimizer.lr <= 0:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvopt.recipes._extras import need
 from curvopt.recipes.builder import OPTIMIZERS, Built, build
@@ -177,9 +178,8 @@ def _evaluate(built: Built) -> dict[str, float | None]:
     model.eval()
     with torch.no_grad():
         out = model(data.x_test)
-        loss = float(torch.nn.functional.cross_entropy(out, data.y_test)
-                     if data.task == "classification"
-                     else torch.nn.functional.mse_loss(out, data.y_test))
+        loss = float(torch.nn.functional.mse_loss(out, data.y_test) if data.task == "regression"
+                     else torch.nn.functional.cross_entropy(out, data.y_test))
         acc = (float((out.argmax(1) == data.y_test).float().mean())
                if data.task == "classification" else None)
     model.train()
@@ -193,7 +193,10 @@ def _step(built: Built, x: torch.Tensor, y: torch.Tensor,
     with warnings.catch_warnings():
         # create_graph=True (Adahessian) warns of the cycle that zero_grad(set_to_none) breaks
         warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
-        out = built.model(x)
+        # a second derivative through attention needs the math kernel: the fused ones
+        # (flash, memory-efficient) have no derivative of their backward
+        with (sdpa_kernel(SDPBackend.MATH) if built.create_graph else contextlib.nullcontext()):
+            out = built.model(x)
         loss = built.loss_fn(out, y)
         loss.backward(create_graph=built.create_graph)
     if world > 1 and not OPTIMIZERS[built.config.optimizer.name].takes_model:

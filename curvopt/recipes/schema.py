@@ -60,11 +60,19 @@ class ModelConfig:
     ``mlp``: ``Flatten → [Linear(h) → act] for h in hidden → Linear(out)``.
     ``cnn``: ``[Conv2d(c, kernel_size, same padding) → act] for c in channels →
     pool(2) → Flatten → [Linear(h) → act] for h in hidden → Linear(out)``.
-    Input and output sizes come from the data.
+    ``gpt``: a GPT-style causal language model from ``torch.nn``: token embedding plus
+    learned position embedding, ``n_layers`` pre-LN blocks
+    ``x + MultiheadAttention(LN(x))`` (causal mask), ``x + MLP(LN(x))`` with
+    ``MLP = Linear(d_model, mlp_ratio·d_model) → act → Linear``, a final LayerNorm and a
+    Linear head; it returns logits ``[N, V, T]`` for ids ``[N, T]`` (the layout of
+    ``CrossEntropyLoss`` with targets ``[N, T]``).  ``hf_gpt2``: the same sizes as a
+    Hugging Face ``GPT2LMHeadModel`` built from a config (needs ``transformers``; nothing
+    downloaded).  Input and output sizes come from the data.
     """
 
-    kind: Literal["mlp", "cnn"] = "mlp"
-    """Network family: ``"mlp"`` (fully connected) or ``"cnn"`` (needs image data)."""
+    kind: Literal["mlp", "cnn", "gpt", "hf_gpt2"] = "mlp"
+    """Network family: ``"mlp"`` (fully connected), ``"cnn"`` (needs image data), ``"gpt"``
+    or ``"hf_gpt2"`` (language models, need text data)."""
 
     hidden: tuple[int, ...] = (64,)
     """Widths of the hidden fully connected layers (an empty list: a linear model / conv head)."""
@@ -80,27 +88,59 @@ class ModelConfig:
 
     activation: Activation | tuple[Activation, ...] = "relu"
     """Activation after every hidden layer: one name, or a list with one name per hidden
-    layer (convolutions first, then the fully connected ones)."""
+    layer (convolutions first, then the fully connected ones); ``gpt``, ``hf_gpt2``: one
+    name, the blocks' MLP activation."""
 
     bias: bool = True
     """Whether the layers have a bias."""
+
+    d_model: int = 64
+    """Width of the embeddings and of the residual stream (``gpt``, ``hf_gpt2``)."""
+
+    n_layers: int = 2
+    """Number of transformer blocks (``gpt``, ``hf_gpt2``)."""
+
+    n_heads: int = 4
+    """Attention heads per block; must divide ``d_model`` (``gpt``, ``hf_gpt2``)."""
+
+    mlp_ratio: int = 4
+    """Hidden width of each block's MLP as a multiple of ``d_model`` (``gpt``, ``hf_gpt2``)."""
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """``[data]``: what to train on; all of it is local, nothing is downloaded."""
 
-    name: Literal["digits", "regression"] = "digits"
+    name: Literal["digits", "regression", "torch_source"] = "digits"
     """``"digits"``: scikit-learn's bundled 8×8 digits (1797 samples, 10 classes, pixels scaled
     to [0, 1]; a ``cnn`` model gets them as 1×8×8 images). ``"regression"``: a synthetic
-    regression problem drawn from ``split_seed`` (a random teacher network plus noise)."""
+    regression problem drawn from ``split_seed`` (a random teacher network plus noise).
+    ``"torch_source"``: character-level text, the Python source files of the installed
+    ``torch`` package under ``source_dirs``, split by file into train and validation; inputs
+    are windows of ``block_size`` byte ids (ASCII 0-127, any other byte 128), targets the
+    same windows shifted by one."""
 
     test_fraction: float = 0.25
-    """Share of the samples held out as the test set."""
+    """Share of the samples held out as the test set (``torch_source``: share of the bytes,
+    in whole files)."""
 
     split_seed: int = 0
     """Seed of the train/test split and of the synthetic data; kept apart from ``train.seed`` so
     runs with different training seeds share one test set."""
+
+    source_dirs: tuple[str, ...] = ("optim",)
+    """Folders inside the installed ``torch`` package whose ``.py`` files (recursively, in
+    sorted order) are the text (``torch_source`` only)."""
+
+    max_bytes: int = 600_000
+    """Read files in sorted order while their total stays within this many bytes
+    (``torch_source`` only)."""
+
+    block_size: int = 64
+    """Characters per window, the model's context ``T`` (``torch_source`` only)."""
+
+    eval_windows: int = 64
+    """Validation windows, evenly spaced over the validation files (``torch_source`` only)."""
 
     n_samples: int = 1024
     """Number of samples (``regression`` only)."""
@@ -120,7 +160,7 @@ class LossConfig:
     """``[loss]``: the training objective."""
 
     name: Literal["cross_entropy", "mse"] = "cross_entropy"
-    """``"cross_entropy"`` (classification data) or ``"mse"`` (regression data)."""
+    """``"cross_entropy"`` (classification data and text) or ``"mse"`` (regression data)."""
 
     reduction: Literal["mean", "sum"] = "mean"
     """How the per-sample losses are reduced."""

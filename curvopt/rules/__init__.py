@@ -22,10 +22,19 @@ that own parameters fall back to :class:`~curvopt.rules.fallback.FallbackRule`
 from __future__ import annotations
 
 # Importing the modules registers their rules.
-from . import activations, conv, embedding, hf, linear, norm, timm  # noqa: F401
+from . import activations, attention, conv, embedding, hf, linear, norm, timm  # noqa: F401
 from .fallback import FALLBACK
 from .layout import Dense, Elementwise, Embedding, Layout, Materialized, Rule
-from .registry import container_params, hooked, lookup, register, register_lazy, registered
+from .registry import (
+    Site,
+    container_params,
+    hooked,
+    lookup,
+    register,
+    register_lazy,
+    registered,
+    walk,
+)
 
 __all__ = [
     "Rule",
@@ -41,5 +50,7 @@ __all__ = [
     "registered",
     "hooked",
     "container_params",
+    "walk",
+    "Site",
     "activations",
 ]

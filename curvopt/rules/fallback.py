@@ -28,6 +28,8 @@ class FallbackRule(Rule):
     """``torch.func`` per-sample gradients of every parameter in the module's subtree
     (``names``: of these parameters the module owns directly; its children keep theirs)."""
 
+    locates_batch = True
+
     def __init__(self, names: frozenset | None = None):
         self.names = names  # None: the whole subtree; else these own parameters only
         self.covers_subtree = names is None

@@ -53,6 +53,9 @@ class Rule:
     #: closed form, ``(r @ W²) ⊙ φ'²`` (true for a plain Linear: each weight entry feeds
     #: one output feature per row).
     transports_diagonal = False
+    #: the rule finds the batch dimension itself (the generic rule, attention without
+    #: batch_first): its batch need not be the model input's leading dimension
+    locates_batch = False
 
     def layouts(self, module, args, kwargs, output) -> dict[str, Layout]:
         """Map each own parameter name of ``module`` to its :class:`Layout`."""
@@ -119,7 +122,7 @@ class Bound:
     def total(self) -> Tensor:  # sum over n of the K == 1 per-sample gradients
         return self.per_sample()[0].sum(0)
 
-    def matches_total(self, t: Tensor) -> bool:
+    def matches_total(self, t: Tensor, tol: float | None = None) -> bool:
         """Whether ``t`` equals :meth:`total`; only layouts with a cheap check say yes."""
         return False
 
@@ -343,7 +346,7 @@ class DenseBound(Bound):
             ]
         )
 
-    def matches_total(self, t: Tensor) -> bool:
+    def matches_total(self, t: Tensor, tol: float | None = None) -> bool:
         """``uᵀ t v == Σ_n (uᵀR_n)(X_nᵀ v)`` for random ``u, v``: O(N·(Do+Di)), not a product.
 
         Exact equality has probability one to be detected as a mismatch when ``t`` differs
@@ -360,9 +363,12 @@ class DenseBound(Bound):
         Rf = R[:, :, 0].reshape(-1, R.shape[-1])  # every row of every sample
         Xf = X[:, :, 0].reshape(-1, X.shape[-1])
         rhs = ((Rf @ u) * (Xf @ v)).sum()
-        tol = round_off(t.dtype)
-        # Cauchy-Schwarz scale of uᵀtv: round-off stays far below it, a real mismatch not
-        bound = torch.linalg.vector_norm(u) * torch.linalg.vector_norm(v) * torch.linalg.vector_norm(t2)
+        tol = round_off(t.dtype) if tol is None else tol
+        # Cauchy-Schwarz scale of the summed terms (not of their sum, which cancellation can
+        # make tiny: a bias before a train-mode BatchNorm): round-off stays far below it
+        terms = (torch.linalg.vector_norm(Rf, dim=1) * torch.linalg.vector_norm(Xf, dim=1)).sum()
+        bound = (torch.linalg.vector_norm(u) * torch.linalg.vector_norm(v)
+                 * (torch.linalg.vector_norm(t2) + terms))
         return bool((lhs - rhs).abs() <= tol * bound + 1e-30)
 
     def total(self):

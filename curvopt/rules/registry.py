@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -109,7 +111,49 @@ def container_params(module: nn.Module) -> list[str] | None:
             if p.requires_grad and id(p) not in in_children]
 
 
-# nn.MultiheadAttention calls its child ``out_proj`` functionally
-# (F.multi_head_attention_forward), so the child's hooks never fire: it is differentiated
-# as a whole, never treated as a container.
-_REGISTRY[nn.MultiheadAttention] = FALLBACK
+@dataclass(frozen=True)
+class Site:
+    """One place where the engine reads a model (see :func:`walk`).
+
+    ``role``: ``"layer"`` (a module call recorded with ``rule``), ``"container"`` (the
+    parameters ``names`` a container uses itself), ``"leaf"`` (a parameter-free leaf
+    module: a KFRA boundary).  ``check``: the rule whose ``check`` runs before the call.
+    ``params``: ``(name relative to the module, parameter)`` of every parameter read here.
+    """
+
+    name: str
+    module: nn.Module
+    role: str
+    rule: Rule | None = None
+    check: Rule | None = None
+    params: tuple = ()
+
+
+def walk(model: nn.Module):
+    """The engine's view of ``model``, one :class:`Site` per module it reads: the one loop
+    the collector's hooks and the optimizers' block plans share."""
+    covered: list[str] = []  # modules whose whole subtree a generic rule handles
+    for name, module in model.named_modules():
+        if any(c == "" or name.startswith(c + ".") for c in covered):
+            continue
+        reg = registered(module)
+        check = reg if reg is not None and type(reg).check is not Rule.check else None
+        own = container_params(module)
+        if own is not None:  # children keep their rules; the container's own parameters
+            yield Site(name, module, "container", None, check,
+                       tuple((n, module._parameters[n]) for n in own))
+            continue
+        rule = hooked(module)
+        if rule is None:
+            if not any(True for _ in module.children()):
+                yield Site(name, module, "leaf", None, check)
+            elif check is not None:
+                yield Site(name, module, "check", None, check)
+            continue
+        if getattr(rule, "covers_subtree", False):
+            covered.append(name)
+            params = tuple((n, p) for n, p in module.named_parameters() if p.requires_grad)
+        else:
+            params = tuple((n, p) for n, p in module.named_parameters(recurse=False)
+                           if p.requires_grad)
+        yield Site(name, module, "layer", rule, check, params)
