@@ -71,9 +71,23 @@ def exact_diagonal(ctx):
     return ctx.cached("diag_exact", lambda: diagonal(ctx, lambda c: c.exact))
 
 
-def _check_mc(cls, m):
-    if int(m) < 1:
-        raise ValueError(f"{cls.__name__}: mc_samples must be >= 1, got {m}")
+@dataclass(frozen=True)
+class _MonteCarlo(Quantity):
+    """A quantity read from ``mc_samples`` sampled targets per input (shared by every
+    request with the same ``mc_samples``)."""
+
+    mc_samples: int = 1
+    needs_loss = True
+
+    def __post_init__(self):
+        if int(self.mc_samples) < 1:
+            raise ValueError(f"{type(self).__name__}: mc_samples must be >= 1, got {self.mc_samples}")
+
+    def columns(self):
+        return {mc(self.mc_samples)}
+
+    def _sampled(self, c):
+        return c.mc.get(int(self.mc_samples))
 
 
 @dataclass(frozen=True)
@@ -98,7 +112,7 @@ class DiagGGNExact(Quantity):
 
 
 @dataclass(frozen=True)
-class DiagGGNMC(Quantity):
+class DiagGGNMC(_MonteCarlo):
     """Monte-Carlo estimate of the GGN diagonal, ``diag_ggn_mc`` (``p.shape``).
 
     .. math:: \\frac{f}{M}\\sum_{m=1}^M \\sum_n \\big(J_n^\\top \\nabla_o \\ell(o_n, \\tilde y_{n,m})\\big)^{\\odot2},
@@ -113,23 +127,14 @@ class DiagGGNMC(Quantity):
         mc_samples: number of sampled targets :math:`M` per input.
     """
 
-    mc_samples: int = 1
     savefield = "diag_ggn_mc"
-    needs_loss = True
-
-    def __post_init__(self):
-        _check_mc(type(self), self.mc_samples)
-
-    def columns(self):
-        return {mc(self.mc_samples)}
 
     def compute(self, ctx):
-        M = int(self.mc_samples)
-        return diagonal(ctx, lambda c: c.mc.get(M))
+        return diagonal(ctx, self._sampled)
 
 
 @dataclass(frozen=True)
-class KFAC(KroneckerQuantity, Quantity):
+class KFAC(KroneckerQuantity, _MonteCarlo):
     """Kronecker-factored GGN with Monte-Carlo loss Hessian, ``kfac`` (list of factors).
 
     Factors in row-major order (BackPACK's): weight of Linear/Conv:
@@ -143,19 +148,10 @@ class KFAC(KroneckerQuantity, Quantity):
         mc_samples: number of sampled targets per input.
     """
 
-    mc_samples: int = 1
     savefield = "kfac"
-    needs_loss = True
-
-    def __post_init__(self):
-        _check_mc(type(self), self.mc_samples)
-
-    def columns(self):
-        return {mc(self.mc_samples)}
 
     def compute(self, ctx):
-        M = int(self.mc_samples)
-        return kronecker(ctx, lambda c: c.mc.get(M))
+        return kronecker(ctx, self._sampled)
 
     def sync(self, value, ctx, gb):
         return sync_factors(value, gb)
