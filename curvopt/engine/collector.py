@@ -42,7 +42,7 @@ from ..quantities.base import (
 )
 from ..quantities.first_order import release_buffers
 from ..rules.fallback import FallbackRule
-from ..rules.layout import DenseBound, round_off
+from ..rules.layout import DenseBound, ElementwiseBound, round_off
 from ..rules.param_use import ParamUseRule
 from . import distributed, graph
 
@@ -855,7 +855,13 @@ def _check_coverage(ctx: ParamContext) -> None:
         total = b.total().to(grad.dtype)
         # round-off scales with the summed per-sample terms, not with their (possibly
         # cancelling) sum: an exactly-zero gradient (a bias before a BatchNorm) is no mismatch
-        terms = b.per_sample()[0].abs().sum(0) if grad.numel() * ctx.N <= 1 << 22 else total.abs()
+        if isinstance(b, ElementwiseBound):  # rows can cancel within a sample too
+            t = b.R[0].abs() if b.Xhat is None else (b.R[0] * b.Xhat).abs()
+            terms = t.sum((0, 1)).reshape(grad.shape)
+        elif grad.numel() * ctx.N <= 1 << 22:
+            terms = b.per_sample()[0].abs().sum(0)
+        else:
+            terms = total.abs()
         scale = float(terms.max()) if terms.numel() else 0.0
         if scale == scale and torch.allclose(total, grad, rtol=tol, atol=tol * scale + 1e-30):
             return
