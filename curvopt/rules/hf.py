@@ -20,43 +20,15 @@ inputs the closed step :math:`\bar H_{in} = W \bar H W^\top` (the Jacobian is ``
 
 from __future__ import annotations
 
-import torch
-
-from .layout import Dense, Elementwise, Rule
+from .linear import LinearRule
 from .registry import register_lazy
 
 
 @register_lazy("transformers.pytorch_utils", "Conv1D")
-class Conv1DRule(Rule):
-    def kronecker(self, module):
-        return {"weight", "bias"}
+class Conv1DRule(LinearRule):
+    # DiagHessian's transport assumes an [out, in] weight
+    transports_diagonal = False
+    dense_options = {"transposed": True, "kron_order": "AG"}
 
-    def kfra_G(self, module, H, out_shape):
-        D, Do = H.shape[0], out_shape[-1]  # per-sample order (s, o): rows are extra batch
-        return torch.einsum("sasb->ab", H.reshape(D // Do, Do, D // Do, Do))
-
-    def kfra_step(self, module, H, out_shape):
-        if len(out_shape) != 2:
-            return None
-        W = module.weight.detach().to(H.dtype)  # [in, out]: y = x W, Jacobian Wᵀ
-        return W @ H @ W.T
-
-    def layouts(self, module, args, kwargs, output):
-        x = args[0]
-        Di, Do = module.weight.shape
-        N = x.shape[0]
-        X = x.reshape(N, -1, 1, Di)
-        S = X.shape[1]
-
-        def rows(cot):  # [K, N, *, Do] -> [K, N, S, 1, Do]
-            return cot.reshape(cot.shape[0], N, S, 1, Do)
-
-        out = {}
-        if module.weight.requires_grad:
-            out["weight"] = Dense(module.weight, N, X=X, rows=rows, transposed=True, expand=True,
-                                  kron_order="AG")
-        if module.bias is not None and module.bias.requires_grad:
-            out["bias"] = Elementwise(
-                module.bias, N, Xhat=None, rows=lambda cot: cot.reshape(cot.shape[0], N, S, Do)
-            )
-        return out
+    def jacobian(self, module):
+        return module.weight.T  # stored [in, out]: y = x W + b

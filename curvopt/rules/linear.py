@@ -13,6 +13,12 @@ from .registry import register
 @register(nn.Linear)
 class LinearRule(Rule):
     transports_diagonal = True
+    #: how the weight is stored (HF ``Conv1D``: transposed, factors ``[A, G]``)
+    dense_options: dict = {}
+
+    def jacobian(self, module):
+        """``[out, in]``: ``y = x Jᵀ + b`` (the weight as ``nn.Linear`` stores it)."""
+        return module.weight
 
     def kronecker(self, module):
         return {"weight", "bias"}
@@ -26,8 +32,8 @@ class LinearRule(Rule):
     def kfra_step(self, module, H, out_shape):
         if len(out_shape) != 2:
             return None
-        W = module.weight.detach().to(H.dtype)  # the same Jacobian for every sample
-        return W.T @ H @ W
+        J = self.jacobian(module).detach().to(H.dtype)  # the same for every sample
+        return J.T @ H @ J
 
     def layouts(self, module, args, kwargs, output):
         x = args[0]
@@ -36,7 +42,7 @@ class LinearRule(Rule):
                 f"{module} was called on an unbatched input of shape {tuple(x.shape)}; "
                 "per-sample quantities need a batch dimension first: use x.unsqueeze(0)."
             )
-        N, Di, Do = x.shape[0], module.in_features, module.out_features
+        (Do, Di), N = self.jacobian(module).shape, x.shape[0]
         X = x.reshape(N, -1, 1, Di)
         S = X.shape[1]
 
@@ -46,7 +52,8 @@ class LinearRule(Rule):
         out = {}
         if module.weight.requires_grad:
             # A is normalised by N·S: the S rows of a sample count as extra batch ("expand").
-            out["weight"] = Dense(module.weight, N, X=X, rows=rows, expand=True)
+            out["weight"] = Dense(module.weight, N, X=X, rows=rows, expand=True,
+                                  **self.dense_options)
         if module.bias is not None and module.bias.requires_grad:
             out["bias"] = Elementwise(
                 module.bias, N, Xhat=None, rows=lambda cot: cot.reshape(cot.shape[0], N, S, Do)
