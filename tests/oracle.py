@@ -270,11 +270,14 @@ def grad(model, loss_fn, X, y) -> dict[str, Tensor]:
 
 
 def capture_io(model: nn.Module, layer: nn.Module, X: Tensor) -> tuple[Tensor, Tensor]:
-    """Input and output of ``layer`` (called once) during ``model(X)``."""
+    """Input and output of ``layer`` (called once) during ``model(X)``, as they were at its
+    call (copied: a later in-place op such as ``ReLU(inplace=True)`` does not change them;
+    a tuple output such as attention's gives its first element)."""
     store = []
 
     def hook(mod, inp, out):
-        store.append((inp[0].detach(), out.detach()))
+        out = out[0] if isinstance(out, tuple) else out
+        store.append((inp[0].detach().clone(), out.detach().clone()))
 
     h = layer.register_forward_hook(hook)
     try:

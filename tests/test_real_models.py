@@ -161,25 +161,7 @@ def problem_of(name, train=False, **kw):
     return R.build(name, block=True, N=N, dtype=DT, train=train, **kw)
 
 
-def _first(o):
-    return o[0] if isinstance(o, tuple) else o
-
-
-def capture(model, layer, X):
-    """Input and output of ``layer`` (called once) as they were at its call."""
-    store = []
-
-    def hook(mod, inp, out):
-        store.append((inp[0].detach().clone(), _first(out).detach().clone()))
-
-    h = layer.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            model(X)
-    finally:
-        h.remove()
-    assert len(store) == 1, f"layer called {len(store)} times; the oracle needs exactly one call"
-    return store[0]
+capture = oracle.capture_io
 
 
 def output_ggn(problem, layer=None, replace=None, z0=None):
