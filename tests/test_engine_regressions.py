@@ -162,6 +162,33 @@ def test_use_outside_the_module_warns_instead_of_silent_partial_results():
             lf(m(X), y).backward()
 
 
+def test_coverage_check_runs_on_its_schedule():
+    """``coverage_every=k``: the first backward with results and every k-th after it."""
+    import warnings
+
+    from curvopt.engine.collector import Collector
+
+    m = TiedEmbedding()
+    lf = nn.CrossEntropyLoss()
+    X, y = torch.randint(0, 7, (5, 3)), torch.randint(0, 7, (5,))
+    col = Collector(m, lf, (BatchGrad(),))
+    col.coverage_every = 3
+    warned = []
+    with col:
+        for _ in range(7):
+            m.zero_grad(set_to_none=True)
+            with warnings.catch_warnings(record=True) as rec:
+                warnings.simplefilter("always")
+                lf(m(X), y).backward()
+            warned.append(any("emb.weight" in str(w.message) for w in rec))
+    assert warned == [True, False, False, True, False, False, True]
+    col.coverage_every = 0  # never
+    with col, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.zero_grad(set_to_none=True)
+        lf(m(X), y).backward()
+
+
 def test_fully_recorded_model_does_not_warn():
     import warnings
 
