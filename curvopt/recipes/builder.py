@@ -182,7 +182,11 @@ def build_optimizer(
         if spec.takes_model:
             if config.track.quantities:
                 kwargs["track"] = list(config.track.quantities)
-            return cls(model, loss_fn, **kwargs)
+            built = cls(model, loss_fn, **kwargs)
+            # statistics only on the steps the runner records them (the steps t with
+            # t % every == 0, as the runner's): not computed and discarded on the others
+            built.track_every = config.track.every
+            return built
         return cls(model.parameters(), **kwargs)
     except (ValueError, TypeError) as err:  # the constructor's own checks (ranges, choices)
         raise RecipeError(

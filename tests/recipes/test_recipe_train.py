@@ -217,3 +217,16 @@ def test_time_to_each_target():
     assert both["target"] == {"train_loss": 0.15} and both["time_to_target_s"] == 5.5
     assert [(t["target"], t["step"], t["time_s"]) for t in both["targets"]] == [
         ("train_loss <= 0.15", 11, 5.5), ("test_acc >= 1.1", None, None)]
+
+
+def test_curvopt_optimizer_computes_tracked_statistics_only_on_tracking_steps():
+    """``track.every`` reaches the optimizer: statistics are not computed (inside the timed
+    step) on the steps the runner does not record."""
+    config = load_few_steps(ROOT / "recipes" / "digits_mlp_kfac.toml", "track.every=3",
+                            "train.steps=6")
+    if not config.track.quantities:
+        pytest.skip("no engine")
+    built = recipes.build(config)
+    assert built.optimizer.track_every == 3
+    result = recipes.train(config, progress=False, echo=None)
+    assert [r["step"] for r in result.records if r.get("stats")] == [3, 6]
