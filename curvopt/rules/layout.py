@@ -237,6 +237,21 @@ def _probe_generator(device) -> torch.Generator:
     return _PROBE_GENERATORS[key]
 
 
+_PROBE_VECTORS: dict = {}
+
+
+def _probe_vectors(n: int, m: int, dtype, device) -> tuple[Tensor, Tensor, float]:
+    """Random ``u [n]``, ``v [m]`` and ``‖u‖‖v‖``, drawn once per shape, dtype and device
+    (the user's RNG stream stays untouched)."""
+    key = (n, m, dtype, str(device))
+    if key not in _PROBE_VECTORS:
+        gen = _probe_generator(device)
+        u = torch.randn(n, dtype=dtype, device=device, generator=gen)
+        v = torch.randn(m, dtype=dtype, device=device, generator=gen)
+        _PROBE_VECTORS[key] = (u, v, float(torch.linalg.vector_norm(u) * torch.linalg.vector_norm(v)))
+    return _PROBE_VECTORS[key]
+
+
 def _gram(R: Tensor, X: Tensor, transposed: bool) -> Tensor:
     """:math:`\\sum_n R_n^\\top X_n` per group for ``R: [n, g, Do]``, ``X: [n, g, Di]``.
 
@@ -352,26 +367,41 @@ class DenseBound(Bound):
         Exact equality has probability one to be detected as a mismatch when ``t`` differs
         from the total; the tolerance only absorbs round-off.
         """
+        probe = self.total_residual(t, round_off(t.dtype) if tol is None else tol)
+        if probe is None:
+            return False
+        residual, bound = probe
+        return bool(residual <= bound) or bool(residual <= self.cancellation_bound(t, tol))
+
+    def total_residual(self, t: Tensor, tol: float) -> tuple[Tensor, Tensor] | None:
+        """``(|uᵀtv − Σ_n (uᵀR_n)(X_nᵀv)|, tol·‖u‖‖v‖‖t‖)`` as tensors (no device sync: a
+        caller checks many parameters at once); ``t`` matches the total up to round-off
+        when the first is at most the second.  ``None``: no cheap check for this layout.
+
+        ``u, v`` are drawn once per shape from a private stream: independent of whatever
+        makes ``t`` differ, so a mismatch is detected with probability one.
+        """
         R, X = self.R[0], self.X  # [N, S, g, Do], [N, S, g, Di]
         if self.layout.transposed or R.shape[2] != 1:
-            return False
-        gen = _probe_generator(R.device)  # private: the user's RNG stream stays untouched
-        u = torch.randn(R.shape[-1], dtype=R.dtype, device=R.device, generator=gen)
-        v = torch.randn(X.shape[-1], dtype=X.dtype, device=X.device, generator=gen)
+            return None
+        u, v, uv = _probe_vectors(R.shape[-1], X.shape[-1], R.dtype, R.device)
         t2 = t.reshape(R.shape[-1], X.shape[-1]).to(R.dtype)
-        lhs = u @ (t2 @ v)
         Rf = R[:, :, 0].reshape(-1, R.shape[-1])  # every row of every sample
         Xf = X[:, :, 0].reshape(-1, X.shape[-1])
-        rhs = ((Rf @ u) * (Xf @ v)).sum()
-        tol = round_off(t.dtype) if tol is None else tol
+        residual = (torch.dot(u, t2 @ v) - torch.dot(Rf @ u, Xf @ v)).abs()
         # Cauchy-Schwarz scale of uᵀtv: round-off stays far below it, a real mismatch not
-        uv = torch.linalg.vector_norm(u) * torch.linalg.vector_norm(v)
-        if bool((lhs - rhs).abs() <= tol * uv * torch.linalg.vector_norm(t2) + 1e-30):
-            return True
-        # ... unless the terms cancel (a weight before a train-mode BatchNorm): then the
-        # scale of the summed terms, computed only here (the common case never pays for it)
+        return residual, torch.linalg.vector_norm(t2) * (tol * uv) + 1e-30
+
+    def cancellation_bound(self, t: Tensor, tol: float | None = None) -> Tensor:
+        """The residual's round-off bound when the summed terms cancel (a weight before a
+        train-mode BatchNorm): the scale of the terms, not of their sum."""
+        R, X = self.R[0], self.X
+        tol = round_off(t.dtype) if tol is None else tol
+        u, v, uv = _probe_vectors(R.shape[-1], X.shape[-1], R.dtype, R.device)
+        Rf = R[:, :, 0].reshape(-1, R.shape[-1])
+        Xf = X[:, :, 0].reshape(-1, X.shape[-1])
         terms = (torch.linalg.vector_norm(Rf, dim=1) * torch.linalg.vector_norm(Xf, dim=1)).sum()
-        return bool((lhs - rhs).abs() <= tol * uv * terms + 1e-30)
+        return terms * (tol * uv) + 1e-30
 
     def total(self):
         R, X = self.R[0], self.X
