@@ -48,7 +48,7 @@ def oracle_kfe(gb: torch.Tensor, Qs: list[torch.Tensor]) -> torch.Tensor:
     return out.reshape(gb.shape[1:])
 
 
-def _mlp(seq: bool):
+def _mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
 
@@ -76,8 +76,8 @@ def _embedding():
 #: name -> (model factory, input [N=6 samples], target kind, bases spec per parameter)
 #: bases spec: sides (and groups) of the factors in the layout's order.
 CASES = {
-    "linear": (lambda: _mlp(False), lambda g: torch.randn(6, 4, generator=g, dtype=DT), "ce"),
-    "linear_sequence": (lambda: _mlp(True), lambda g: torch.randn(6, 3, 4, generator=g, dtype=DT),
+    "linear": (_mlp, lambda g: torch.randn(6, 4, generator=g, dtype=DT), "ce"),
+    "linear_sequence": (_mlp, lambda g: torch.randn(6, 3, 4, generator=g, dtype=DT),
                         "mse"),
     # S = 4 positions, d_G = 4, d_A = 16 per group: rotating every row is cheaper
     "conv_groups2_rotated": (_conv(8, 8, 2, 2, 3),
@@ -168,7 +168,7 @@ def test_rotation_is_used_where_cheaper(monkeypatch):
 
 
 def test_no_basis_means_nothing_computed():
-    model = _mlp(False)
+    model = _mlp()
     X, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
     w = model[0].weight
     Q = [orthogonal(5, torch.Generator()), orthogonal(4, torch.Generator())]
@@ -184,7 +184,7 @@ def test_no_basis_means_nothing_computed():
 def test_two_micro_batches_equal_one_batch(reduction):
     gen = torch.Generator().manual_seed(2)
     X, y = torch.randn(7, 4, generator=gen, dtype=DT), torch.randint(0, 3, (7,), generator=gen)
-    model = _mlp(False)
+    model = _mlp()
     B = bases_for(model, gen)
     q = KFESumGradSquared(bases=lambda p: B.get(id(p)))
     loss_fn = nn.CrossEntropyLoss(reduction=reduction)
