@@ -14,7 +14,7 @@ Architecture (imports only go down this list; ``tests/test_architecture.py`` che
       losses.py            one class per loss: Hessian square roots, MC samples, normalizer
       quantities/          one registered class per quantity (base.py: Quantity, Record,
                            the contexts); first_order.py, diag_ggn.py (DiagGGN, KFAC, KFLR),
-                           kfra.py, diag_hessian.py
+                           kfra.py, diag_hessian.py; kfe.py (EKFAC's request, not public)
       extensions.py        the user-facing names of the quantities (BackPACK's)
       engine/              hooks (collector.py) and the reduction over ranks (distributed.py)
       optim/               optimizers: pure update functions + thin torch.optim classes

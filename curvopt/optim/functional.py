@@ -41,7 +41,6 @@ __all__ = [
     "eigendecomposition",
     "precondition_inverses",
     "precondition_eigen",
-    "kfe_second_moment",
     "kfe_carry_over",
     "precondition_kfe",
     "kfe_matvec",
@@ -374,37 +373,6 @@ def _in_eigenbasis(v: Tensor, eigenvectors: Sequence[Tensor], fn) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ EKFAC
-def kfe_second_moment(grad_batch: Tensor, eigenvectors: Sequence[Tensor], z) -> Tensor:
-    """The curvature's diagonal in the Kronecker eigenbasis from per-sample gradients (EKFAC).
-
-    George, Laurent, Bouthillier, Ballas & Vincent (2018), "Fast Approximate
-    Natural Gradient Descent in a Kronecker-factored Eigenbasis", eq. (8): with
-    :math:`g_n = f\\nabla\\ell_n` the per-sample gradients as curvopt's
-    ``grad_batch`` holds them (:math:`f = 1/z`, ``z`` the loss's normalizer:
-    the ``'mean'`` denominator, 1 for ``'sum'``),
-
-    .. math:: s = f\\sum_n \\big(Q_G^\\top \\nabla\\ell_n\\, Q_A\\big)^{\\odot 2}
-              = z\\sum_n \\big(Q_G^\\top g_n Q_A\\big)^{\\odot 2},
-
-    the diagonal of the (empirical) Fisher :math:`f\\sum_n \\nabla\\ell_n\\nabla\\ell_n^\\top`
-    of the loss as reduced, in the basis :math:`Q_G \\otimes Q_A`.  For ``k``
-    factors every axis is rotated by its :math:`Q_i`; grouped factors
-    (``[*B, d, d]``) rotate each group's slice.
-
-    Args:
-        grad_batch: ``[N, *p.shape]`` (any layout whose trailing ``numel`` tiles the factors).
-        eigenvectors: :math:`[Q_1, \\dots]`, ``[*B, d_i, d_i]`` (row-major order, as the factors).
-        z: the loss normalizer :math:`1/f` (number or 0-dim tensor).
-
-    Returns:
-        :math:`s`, shape ``[*B, d_1, ..., d_k]`` (the view of the parameter), ``grad_batch``'s dtype.
-    """
-    Qs = [Q.to(grad_batch.dtype) for Q in eigenvectors]
-    view = kronecker_dims(grad_batch.shape[1:], Qs)
-    t = _mode_product([Q.mT for Q in Qs], grad_batch.reshape(grad_batch.shape[0], *view))
-    return (t * t).sum(0) * z
-
-
 def kfe_carry_over(scale: Tensor, old: Sequence[Tensor], new: Sequence[Tensor]) -> Tensor:
     """A KFE diagonal moved to a new eigenbasis: the diagonal of the same curvature there.
 
@@ -439,7 +407,7 @@ def precondition_kfe(grad: Tensor, eigenvectors: Sequence[Tensor], scale: Tensor
     Args:
         grad: gradient with ``numel == prod(B) * prod(d_i)``.
         eigenvectors: :math:`[Q_i]`, ``[*B, d_i, d_i]``.
-        scale: :math:`s`, ``[*B, d_1, ..., d_k]`` (e.g. from :func:`kfe_second_moment`).
+        scale: :math:`s`, ``[*B, d_1, ..., d_k]`` (e.g. the engine's ``kfe_sum_grad_squared``).
         damping: :math:`\\lambda > 0`.
     """
     return _in_eigenbasis(

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from ..quantities.kfe import project_sum_sq
 from . import functional as F
 
 __all__ = ["KroneckerBlock", "EKFACBlock", "DiagonalBlock", "DAMPING_MODES"]
@@ -196,9 +197,10 @@ class EKFACBlock(KroneckerBlock):
         self.state["kfe_scale"] = moved.reshape(s.shape)
 
     def projected_sum(self, grad_batch: Tensor) -> Tensor:
-        """:math:`\\sum_n (Q^\\top g_n Q)^{\\odot2}` of ``grad_batch`` ``[N, *p.shape]``
-        (:func:`~curvopt.optim.functional.kfe_second_moment` with :math:`z = 1`)."""
-        s = F.kfe_second_moment(grad_batch.detach(), self.state["eigenvectors"], 1.0)
+        """:math:`\\sum_n (Q^\\top g_n Q)^{\\odot2}` of ``grad_batch`` ``[N, *p.shape]`` in the
+        current basis (:func:`~curvopt.quantities.kfe.project_sum_sq`, what the engine's
+        ``kfe_sum_grad_squared`` computes in the basis it is given)."""
+        s = project_sum_sq(grad_batch.detach(), self.state["eigenvectors"])
         return s.reshape(grad_batch.shape[1:])
 
     def update_scale(self, partial: Tensor, z, decay: float) -> None:

@@ -42,7 +42,8 @@ def mc(M: int) -> tuple:
     return ("mc", int(M))
 
 
-#: every quantity class, in definition order (the order ``track="all"`` and the docs use)
+#: every quantity class the engine computes, in definition order (also the order it computes
+#: them in); the public ones (``Quantity.public``) are the order ``track="all"`` and the docs use
 REGISTRY: list[type[Quantity]] = []
 
 
@@ -53,6 +54,11 @@ class Quantity:
     savefield: ClassVar[str] = ""
     #: whether the quantity needs the loss function (second order) or only the gradient.
     needs_loss: ClassVar[bool] = False
+    #: one of BackPACK's ten, offered to users (:data:`curvopt.extensions.ALL`, ``track=``,
+    #: the recipes); ``False``: a request only an optimizer makes, with arguments no name
+    #: or recipe can give (EKFAC's eigenbases).  Still registered: the engine, ranks and
+    #: micro-batches treat every quantity alike, and one flag is all the rest filters on.
+    public: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from curvopt.errors import CurvoptError
-from curvopt.quantities import REGISTRY
+from curvopt.quantities import PUBLIC
 
 __all__ = [
     "RecipeError",
@@ -49,7 +49,7 @@ Activation = Literal["relu", "tanh", "sigmoid", "elu", "leaky_relu", "softplus",
 
 #: The quantities of :mod:`curvopt.extensions`, by the attribute they are stored under
 #: (read off the quantity registry: a new quantity is valid in recipes at once).
-Savefield = Literal[tuple(q.savefield for q in REGISTRY)]
+Savefield = Literal[tuple(q.savefield for q in PUBLIC)]
 SAVEFIELDS: tuple[str, ...] = typing.get_args(Savefield)
 
 

@@ -141,6 +141,25 @@ class Bound:
     def kron_G(self) -> Tensor | None:
         return None
 
+    def rotated(self, Qs: list[Tensor]) -> Bound | None:
+        """This bound with every per-sample gradient rotated into a Kronecker eigenbasis,
+        :math:`Q_1^\\top g_n Q_2` (one factor: :math:`Q_1^\\top g_n`), in the parameter's
+        shape; ``None`` when the layout cannot rotate its parts more cheaply than
+        materialising and projecting the per-sample gradients (the caller does that).
+
+        ``Qs``: eigenvectors ``[*B, d_i, d_i]`` of the parameter's Kronecker factors, in
+        the order the layout returns the factors (:meth:`DenseBound.kron_factors`).
+        """
+        return None
+
+
+def _rotate(T: Tensor, Q: Tensor) -> Tensor:
+    """``T: [..., g, d]`` times ``Q`` per group (``Q: [d, d]`` for one group, ``[g, d, d]``)."""
+    Q = Q.to(T.dtype)
+    if Q.dim() == 2:
+        return T @ Q
+    return torch.einsum("...gd,gde->...ge", T, Q)
+
 
 def round_off(dtype: torch.dtype) -> float:
     """Relative tolerance of numerical self-checks on values stored in ``dtype``."""
@@ -445,6 +464,25 @@ class DenseBound(Bound):
         G, A = self.kron_G(), self.kron_A()
         return ([A, G], "AG") if self.layout.kron_order == "AG" else ([G, A], "GA")
 
+    def rotated(self, Qs):
+        """Rows and inputs rotated: the per-sample gradient per group is
+        :math:`\\sum_s R_{n,s}^\\top X_{n,s}`, so in the eigenbasis it is
+        :math:`\\sum_s (R_{n,s} Q_G)^\\top (X_{n,s} Q_A)` (``"AG"`` order, HF ``Conv1D``:
+        :math:`Q_A^\\top X^\\top R\\, Q_G`, the same rotations).  Cost
+        :math:`N S (d_G^2 + d_A^2)` against :math:`N d_G d_A (d_G + d_A)` for projecting
+        materialised gradients; with one row per sample :meth:`sum_sq` of the result is then
+        the closed form :math:`(R'^{\\odot2})^\\top X'^{\\odot2}`.  ``None`` when the factors do
+        not come from ``X`` and the rows (ConvTranspose) or when ``S`` is so large that
+        rotating every row costs more than projecting (wide-image convolutions)."""
+        lay = self.layout
+        if len(Qs) != 2 or lay.kron_X is not None or lay.kron_rows is not None:
+            return None
+        Q_R, Q_X = (Qs[1], Qs[0]) if lay.kron_order == "AG" else (Qs[0], Qs[1])
+        S, Do, Di = self.R.shape[2], self.R.shape[-1], self.X.shape[-1]
+        if S > 1 and S * (Do * Do + Di * Di) >= Do * Di * (Do + Di):
+            return None
+        return DenseBound(lay, _rotate(self.R, Q_R), _rotate(self.X, Q_X))
+
 
 # ------------------------------------------------------------------------------ Elementwise
 @dataclass
@@ -485,6 +523,13 @@ class ElementwiseBound(Bound):
         else:
             g = (R * self.Xhat).sum(2)
         return g.reshape(*R.shape[:2], *self.layout.shape)
+
+    def rotated(self, Qs):
+        """A bias (no ``X̂``): :math:`Q^\\top \\sum_s R_{n,s} = \\sum_s (R_{n,s} Q)`, the rows
+        rotated.  With ``X̂`` (norm affine parameters) ``None``."""
+        if self.Xhat is not None or len(Qs) != 1 or Qs[0].dim() != 2:
+            return None
+        return ElementwiseBound(self.layout, self.R @ Qs[0].to(self.R.dtype), None)
 
     def kron_G(self):
         # A bias has the Kronecker factor G of its layer alone (BackPACK: ``[G]``).

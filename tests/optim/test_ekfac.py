@@ -302,3 +302,120 @@ def test_adaptive_damping_uses_the_ekfac_curvature():
         opt.step(closure)
     assert math.isfinite(opt.param_groups[0]["damping"])
     opt.close()
+
+
+def _seq_mlp():
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+
+
+def _hf_mlp():
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(2)
+    return nn.Sequential(Conv1D(4, 3), nn.Tanh(), Conv1D(3, 4)).to(DT)
+
+
+def _inputs(*shape):
+    def make(n, g_):
+        return torch.randn(n, *shape, generator=g_, dtype=DT)
+    return make
+
+
+#: name -> (model factory, inputs(n, generator), loss rows per sample)
+TWO_STEP_CASES = {
+    "mlp": (lambda: tiny_mlp(3), _inputs(5), 1),
+    "sequence": (_seq_mlp, _inputs(3, 4), 3),
+    "grouped_conv": (_grouped_conv, _inputs(4, 4, 4), 1),
+    "hf_conv1d": (_hf_mlp, _inputs(3), 1),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", list(TWO_STEP_CASES))
+def test_rescaling_between_basis_updates_from_the_engine(case, reduction):
+    """Steps whose eigenbasis was there before the backward take Σ_n (Q_Gᵀ g_n Q_A)² from
+    the engine (``kfe_sum_grad_squared``: rotated rows and inputs, no per-sample
+    gradients): factors every step, the basis of step 1 kept (T_i = 100)."""
+    if case == "hf_conv1d":
+        pytest.importorskip("transformers")
+    factory, inputs, rows = TWO_STEP_CASES[case]
+    model = factory()
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    eps = 0.6
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = make(model, loss_fn, factor_decay=eps, factor_update_freq=1,
+                   inverse_update_freq=100, lr=0.05)
+    g_ = torch.Generator().manual_seed(5)
+    s, Q = {}, {}
+    for t, n in enumerate((5, 7), 1):
+        X = inputs(n, g_)
+        y = torch.randint(0, 3, (n, 3) if rows > 1 else (n,), generator=g_)
+        ref = factory()  # the oracle's copy of the current weights (no optimizer hooks)
+        ref.load_state_dict(model.state_dict())
+        gr, f = sample_grads(ref, X, y, loss_fn, rows=rows)
+        g = dict(zip(model.parameters(), gr.values(), strict=True))
+        fields = {e.savefield for e in opt.collector.extensions}
+        assert ("grad_batch" in fields) == (t == 1)
+        assert ("kfe_sum_grad_squared" in fields) == (t == 2)
+        opt.zero_grad()
+        out = model(X)
+        loss_fn(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
+        opt.step()
+        for p in model.parameters():
+            st = opt.state[p]
+            if "eigenvectors" not in st:
+                continue
+            if t == 1:
+                Q[p] = [Qi.clone() for Qi in st["eigenvectors"]]
+            view = F.kronecker_dims(p.shape, Q[p])
+            gv = g[p].reshape(g[p].shape[0], *view)
+            if Q[p][0].dim() == 3:  # one Kronecker product per group
+                new = torch.stack([oracle_scale(gv[:, j], [Qi[j] for Qi in Q[p]], f)
+                                   for j in range(Q[p][0].shape[0])]).reshape(p.shape)
+            else:
+                new = oracle_scale(gv, Q[p], f).reshape(p.shape)
+            s[p] = new if t == 1 else eps * s[p] + (1 - eps) * new
+            torch.testing.assert_close(st["kfe_scale"], s[p], **TOL)
+            assert "kfe_sum_grad_squared" not in st and "grad_batch" not in st
+    assert s
+    opt.close()
+
+
+def test_requests_per_step():
+    """BatchGrad only where the basis is (re)computed in the step (T_i = 4: steps 1, 5);
+    the engine's rotated second moment on the other steps."""
+    model, loss_fn = tiny_mlp(0), nn.CrossEntropyLoss()
+    opt = make(model, loss_fn, factor_update_freq=2, inverse_update_freq=4)
+    fields = {}
+    for t, (X, y) in enumerate(batches(5, N=4), 1):
+        fields[t] = {e.savefield for e in opt.collector.extensions}
+        opt.zero_grad()
+        loss_fn(model(X), y).backward()
+        opt.step()
+    assert "grad_batch" in fields[1] and "kfe_sum_grad_squared" not in fields[1]
+    assert fields[2] == {"kfe_sum_grad_squared"}
+    assert "kfe_sum_grad_squared" in fields[3] and "grad_batch" not in fields[3]
+    assert "grad_batch" in fields[5] and "kfe_sum_grad_squared" not in fields[5]
+    opt.close()
+
+
+def test_micro_batches_equal_one_batch_from_the_engine():
+    """Micro-batches on a step that reads the engine's second moment (T_i = 10)."""
+    data = batches(2, N=8, seed=7)
+    one, two, lf1, lf2 = tiny_mlp(2), tiny_mlp(2), nn.CrossEntropyLoss(), nn.CrossEntropyLoss()
+    opt1 = make(one, lf1, factor_update_freq=1, inverse_update_freq=10)
+    opt2 = make(two, lf2, factor_update_freq=1, inverse_update_freq=10)
+    for X, y in data:
+        opt1.zero_grad()
+        lf1(one(X), y).backward()
+        opt1.step()
+        opt2.zero_grad()
+        for sl in (slice(0, 3), slice(3, 8)):
+            (lf2(two(X[sl]), y[sl]) * (sl.stop - sl.start) / 8).backward()
+        opt2.step()
+    for p, q in zip(one.parameters(), two.parameters(), strict=True):
+        torch.testing.assert_close(opt1.state[p]["kfe_scale"], opt2.state[q]["kfe_scale"], **TOL)
+        torch.testing.assert_close(p, q, **TOL)
+    opt1.close()
+    opt2.close()
