@@ -320,6 +320,17 @@ def _all_finite(value: Any) -> bool:
     return bool(torch.isfinite(torch.stack(sums)).all())
 
 
+def _grads_finite(grads: list[Tensor]) -> bool:
+    """Whether every gradient is finite: one fused norm per (device, dtype), one sync
+    (a norm is finite iff every entry is, barring an overflow of the squares' sum)."""
+    groups: dict = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    norms = [n.to(torch.float64, copy=False).cpu() if len(groups) > 1 else n
+             for gs in groups.values() for n in torch._foreach_norm(gs)]
+    return not norms or bool(torch.isfinite(torch.stack(norms)).all())
+
+
 def _derived_streams(states: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
     """Rank ``rank``'s private streams derived from another rank's saved states.
 
@@ -388,8 +399,16 @@ class Transaction(dict):
     def commit(self) -> None:
         for p, st in self.items():
             self.state[p] = st
+        # one fused update per (lr, weight decay, device, dtype), as torch.optim's foreach
+        # path: the per-parameter calls cost more than their arithmetic on small layers
+        groups: dict = {}
         for p, d, lr, wd in self.moves:
-            F.apply_update_(p, d, lr, wd)
+            groups.setdefault((lr, wd, p.device, p.dtype), ([], []))
+            ps, ds = groups[(lr, wd, p.device, p.dtype)]
+            ps.append(p)
+            ds.append(d.to(p.dtype))
+        for (lr, wd, _, _), (ps, ds) in groups.items():
+            F.apply_updates_(ps, ds, lr, wd)
         self.clear()
         self.moves.clear()
 
@@ -825,7 +844,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._dist_loss_bad = False
         if loss_bad:
             return "loss"
-        if not _all_finite([p.grad for p in params]):
+        if not _grads_finite([p.grad for p in params]):
             return "gradient"
         if stats is not None and not _all_finite(list(stats.values())):
             return "curvature statistic"

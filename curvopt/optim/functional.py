@@ -31,6 +31,7 @@ __all__ = [
     "ema",
     "bias_correction",
     "apply_update_",
+    "apply_updates_",
     "momentum",
     # Kronecker-factored curvature
     "kronecker_dims",
@@ -90,6 +91,15 @@ def apply_update_(param: Tensor, direction: Tensor, lr: float, weight_decay: flo
     if weight_decay:
         param.mul_(1.0 - lr * weight_decay)
     return param.add_(direction, alpha=-lr)
+
+
+def apply_updates_(params: Sequence[Tensor], directions: Sequence[Tensor], lr: float,
+                   weight_decay: float = 0.0) -> None:
+    """:func:`apply_update_` for a list of parameters sharing ``lr`` and ``weight_decay``
+    (and device and dtype): fused ``torch._foreach`` kernels."""
+    if weight_decay:
+        torch._foreach_mul_(list(params), 1.0 - lr * weight_decay)
+    torch._foreach_add_(list(params), list(directions), alpha=-lr)
 
 
 def momentum(buffer: Tensor | None, direction: Tensor, mu: float) -> Tensor:

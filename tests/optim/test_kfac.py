@@ -30,25 +30,39 @@ def reference_kfac(
     kl_clip,
     momentum,
     weight_decay,
+    warmup=(),
 ):
-    """K-FAC written out with dense Kronecker matrices: returns parameter snapshots per step."""
+    """K-FAC written out with dense Kronecker matrices: returns parameter snapshots per step.
+
+    ``warmup``: statistics and inverses at these steps first, then every ``Tf``/``Ti`` steps
+    counted from the last; an update ``k`` steps after the previous one decays by
+    ``factor_decay ** (k / Tf)``."""
     model = copy.deepcopy(model)
     params = list(model.parameters())
     avg, cache, buf, snaps, inv_log = {}, {}, {}, [], []
+
+    def due(t, T):
+        if warmup:
+            return t in warmup if t <= warmup[-1] else (t - warmup[-1]) % T == 0
+        return (t - 1) % T == 0
+
+    last = None
     for t, (X, y) in enumerate(data, 1):
         _, g = gradients(model, X, y, loss_fn)
-        if (t - 1) % Tf == 0:
+        if due(t, Tf):
             raw = kflr_factors(model, X, y, loss_fn)
+            eps = factor_decay ** ((t - last) / Tf) if last is not None else 0.0
+            last = t
             for p in params:
                 avg[p] = (
                     [r.clone() for r in raw[p]]
                     if p not in avg
                     else [
-                        factor_decay * a + (1 - factor_decay) * r
+                        eps * a + (1 - eps) * r
                         for a, r in zip(avg[p], raw[p], strict=True)
                     ]
                 )
-        if (t - 1) % Ti == 0:
+        if due(t, Ti):
             inv_log.append(t)
             for p in params:
                 fs = avg[p]
@@ -97,6 +111,9 @@ CONFIGS = {
         Tf=1, Ti=2, mode="pi", kl_clip=1e-3, momentum=0.9, weight_decay=0.1
     ),
     "eigen_freqs": dict(Tf=2, Ti=3, mode="eigen", kl_clip=1e-2, momentum=0.5, weight_decay=0.0),
+    # T_f > 3: statistics and inverses at the warm-up steps 1, 3, 6, then 10, 14, ...
+    "warmup": dict(Tf=4, Ti=4, mode="pi", kl_clip=1e-2, momentum=0.5, weight_decay=0.0,
+                   warmup=(1, 3, 6)),
 }
 
 
@@ -105,7 +122,7 @@ def test_kfac_matches_reference(name):
     c = CONFIGS[name]
     model = tiny_mlp(0)
     loss_fn = nn.CrossEntropyLoss()
-    data = batches(7, N=6)
+    data = batches(11, N=6)
     hp = dict(lr=0.3, damping=1e-2, factor_decay=0.8)
     ref, inv_steps = reference_kfac(model, loss_fn, data, **hp, **c)
     m = copy.deepcopy(model)
@@ -137,8 +154,8 @@ def test_kfac_matches_reference(name):
     assert st["inverse_updates"] == len(inv_steps)
     changed = [t + 1 for t in range(len(inv_ids)) if t == 0 or inv_ids[t] != inv_ids[t - 1]]
     assert changed == inv_steps
-    assert st["factor_updates"] == len(range(0, 7, c["Tf"]))
-    assert int(st["step"]) == 7
+    assert st["factor_updates"] == (4 if c.get("warmup") else len(range(0, 11, c["Tf"])))
+    assert int(st["step"]) == 11
     opt.close()
 
 
