@@ -25,12 +25,14 @@ import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
 from .. import _dist, losses, rules
+from .._threads import is_small, one_thread
 from ..errors import CollectError, UnsupportedLossError
 from ..quantities import KFRA, REGISTRY, DiagHessian, Quantity
 from ..quantities.base import (
@@ -716,7 +718,9 @@ class Collector:
         self.results = {}
         self._computing = True
         try:
-            with _no_autocast(recs[0].output.device if recs else None):
+            # small layers: every operation of the computation is small (curvopt._threads)
+            small = is_small(chain((r.output for r in recs), self._names))
+            with _no_autocast(recs[0].output.device if recs else None), one_thread(small):
                 self.results = self._compute(recs)
         finally:
             self._computing = False

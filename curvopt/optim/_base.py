@@ -116,6 +116,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import losses
+from .._threads import is_small, one_thread
 from ..engine import Collector
 from ..errors import CollectError, CurvoptError
 from ..extensions import (
@@ -798,7 +799,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         try:
-            self._step(loss, closure)
+            # small parameters: every operation of the step is small (see curvopt._threads)
+            with one_thread(is_small(p for g in self.param_groups for p in g["params"])):
+                self._step(loss, closure)
         except BaseException:
             self._undo_draws()  # the failed step used nothing: its samples are drawn again
             raise

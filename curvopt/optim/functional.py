@@ -20,12 +20,13 @@ are computed in float64 and returned in the dtype of their inputs.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from .._threads import SMALL_SIDE, one_thread
 
 __all__ = [
     "ema",
@@ -229,34 +230,10 @@ def pi_dampings(factors: Sequence[Tensor], damping: float) -> list:
     return list(deltas)
 
 
-#: Largest factor side whose CPU factorizations run on one thread (see :func:`_lapack`).
-ONE_THREAD_MAX_SIDE = 256
-
-
-@contextlib.contextmanager
-def _lapack(F: Tensor) -> Iterator[None]:
-    """Run a factorization of ``F`` (Cholesky, eigendecomposition) on one CPU thread when
-    its side is at most :data:`ONE_THREAD_MAX_SIDE`.
-
-    Why: such a call is a sequence of small parallel regions whose thread hand-offs cost
-    more than the arithmetic.  Measured on 2 cores (float64, torch 2.13, MKL): side 128,
-    Cholesky + inverse 0.21 ms on one thread, 0.6 ms on two with
-    ``OMP_WAIT_POLICY=PASSIVE`` (0.2 ms with the default policy); ``eigh`` 0.8 ms against
-    9.4 ms (0.8).  Larger sides keep every thread (side 1024: ``eigh`` 83 ms on two
-    threads, 150 ms on one).  Setting the thread count costs well under a microsecond.
-    """
-    if F.device.type != "cpu" or F.shape[-1] > ONE_THREAD_MAX_SIDE:
-        yield
-        return
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def _lapack(F: Tensor):
+    """A factorization of ``F`` on one CPU thread when its side is small
+    (:data:`curvopt._threads.SMALL_SIDE`: the thread hand-offs cost more than the work)."""
+    return one_thread(F.device.type == "cpu" and F.shape[-1] <= SMALL_SIDE)
 
 
 def _symmetric64(F: Tensor) -> Tensor:
