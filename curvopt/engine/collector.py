@@ -242,6 +242,10 @@ class Collector:
         self.coupled_layers: set[str] = set()
         self.accumulate = accumulate
         self._union: dict = {}  # (param name, savefield) -> (quantity, additive state)
+        # the first micro-batch since reset, folded into _union only when a second arrives:
+        # with one backward per step (the common case) its results are the union's as they
+        # are, without the round trip through additive states
+        self._first: tuple | None = None
         self._union_z = self._union_n = 0.0  # the union's loss normalizer and sample count
         self._normalizer_local = None  # this backward's loss normalizer (accumulation)
         #: ``d total / d (loss module output)`` of the last backward (1.0 when unscaled).
@@ -816,24 +820,45 @@ class Collector:
             z = z / gb.rho
         z = 1.0 if summed else z
         self._normalizer_local = None
-        for name, q, ctx in jobs:
-            state = q.unnormalize(out[name][q.savefield], ctx, z, n)
-            key = (name, q.savefield)
-            if key in self._union:
-                state = q.merge(self._union[key][1], state)
-            self._union[key] = (q, state)
+        first = not self._union and self._first is None
+        if first:
+            # a state that is not the value itself (Variance: the second moment and the
+            # total, which may alias p.grad that the next backward accumulates into) is
+            # taken now; the others only when a second micro-batch arrives
+            jobs = [(name, q, ctx, None if type(q).unnormalize is Quantity.unnormalize
+                     else q.unnormalize(out[name][q.savefield], ctx, z, n))
+                    for name, q, ctx in jobs]
+            self._first = (out, jobs, z, n)
+        else:
+            if self._first is not None:
+                self._fold(*self._first)
+                self._first = None
+            self._fold(out, [(*job, None) for job in jobs], z, n)
         self._union_n += n
         self._union_z = 1.0 if summed else self._union_z + z
         self.samples = int(self._union_n)
+        if first:
+            return out
         union: dict[str, dict] = {}
         for (name, field), (q, state) in self._union.items():
             union.setdefault(name, {})[field] = q.normalize(state, self._union_z, self._union_n)
         return union
 
+    def _fold(self, out, jobs, z: float, n: int) -> None:
+        """Add one micro-batch's results (normalizer ``z``, ``n`` samples) to the union."""
+        for name, q, ctx, state in jobs:
+            if state is None:
+                state = q.unnormalize(out[name][q.savefield], ctx, z, n)
+            key = (name, q.savefield)
+            if key in self._union:
+                state = q.merge(self._union[key][1], state)
+            self._union[key] = (q, state)
+
     def reset(self) -> None:
         """Start a new union of micro-batches (``accumulate=True``): the next backward
         pass is the first of the next batch."""
         self._union = {}
+        self._first = None
         self._union_z = self._union_n = 0.0
 
 

@@ -299,34 +299,32 @@ def _copy_to(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _sums(value: Any, out: list) -> list:
-    """Append one scalar per floating tensor in ``value`` (NaN/inf propagate through a sum)."""
+def _floats(value: Any, out: list) -> list:
+    """Append every floating tensor in ``value`` (nested lists, tuples, dicts)."""
     if isinstance(value, Tensor):
         if value.is_floating_point():
-            out.append(value.detach().sum().to(torch.float64))
+            out.append(value.detach())
     elif isinstance(value, (list, tuple)):
         for v in value:
-            _sums(v, out)
+            _floats(v, out)
     elif isinstance(value, dict):
         for v in value.values():
-            _sums(v, out)
+            _floats(v, out)
     return out
 
 
 def _all_finite(value: Any) -> bool:
     """Whether every floating tensor in ``value`` is finite (one device sync for all of them)."""
-    sums = _sums(value, [])
-    if not sums:
-        return True
-    return bool(torch.isfinite(torch.stack(sums)).all())
+    return _grads_finite(_floats(value, []))
 
 
 def _grads_finite(grads: list[Tensor]) -> bool:
-    """Whether every gradient is finite: one fused norm per (device, dtype), one sync
+    """Whether every tensor is finite: one fused norm per (device, dtype), one sync
     (a norm is finite iff every entry is, barring an overflow of the squares' sum)."""
     groups: dict = {}
     for g in grads:
-        groups.setdefault((g.device, g.dtype), []).append(g)
+        if g.numel():
+            groups.setdefault((g.device, g.dtype), []).append(g)
     norms = [n.to(torch.float64, copy=False).cpu() if len(groups) > 1 else n
              for gs in groups.values() for n in torch._foreach_norm(gs)]
     return not norms or bool(torch.isfinite(torch.stack(norms)).all())

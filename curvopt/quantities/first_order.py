@@ -74,6 +74,12 @@ def _sum_sq(ctx: ParamContext) -> Tensor:
     return ctx.cached("sum_sq", make)
 
 
+#: Below this many multiply-adds (parameter entries x samples) the total is computed
+#: rather than ``p.grad`` verified and reused: the check's dozen small operations cost
+#: more than one such product.
+_PROBE_WORTH = 1 << 20
+
+
 def _total(ctx: ParamContext) -> Tensor:
     r""":math:`\sum_n g_n`: ``p.grad`` when it holds exactly this backward's gradient and a
     random projection confirms it equals the recorded calls' sum (a hook rescaling
@@ -83,7 +89,9 @@ def _total(ctx: ParamContext) -> Tensor:
             return _per_sample(ctx).sum(0)
         b = ctx.grad_bounds()[0]
         g = ctx.fresh_grad
-        return g if g is not None and b.matches_total(g) else b.total()
+        if g is None or ctx.param.numel() * ctx.N <= _PROBE_WORTH:
+            return b.total()
+        return g if b.matches_total(g) else b.total()
 
     return ctx.cached("total", make)
 
