@@ -169,12 +169,6 @@ ALL_EXTENSIONS = (
 #: Ten columns keep ten-class problems (digits, CIFAR-10) exact at about 1.5x.
 AUTO_EXACT_MAX_COLUMNS = 10
 
-#: The engine's coverage self-check (a parameter used outside its module, a gradient
-#: hook) runs on the first statistics step and then on every this-many-th: it is a
-#: property of the training code, and on every step it cost 1.4 ms of a 4.5 ms K-FAC
-#: statistics step on the digits MLP (64-128-128-10, batch 128).
-COVERAGE_EVERY = 50
-
 #: First-order statistics and the power of the loss scale they carry.
 
 #: State entries shaped like their parameter, and entries that are Kronecker factor lists.
@@ -522,7 +516,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         col = Collector(self.model, self.loss_fn, extensions=(), set_attributes=False,
                         loss_scaling="unscale", accumulate=True, batch_coupling="rows")
         col.mc_generator = _weak_method(self, "_generator")
-        col.coverage_every = COVERAGE_EVERY
         col.attach()
         _HOLDERS[self.model] = weakref.ref(self)
         self._collector = col

@@ -139,21 +139,25 @@ class KFACOptimizer(CurvatureOptimizer):
     the engine returns no factors moves to the diagonal from the next factor
     update on (warning; it is not moved on that one step).
 
-    **Defaults** (issue 12: time to a target, not steps).  Statistics every
-    :math:`T_f = T_i = 10` steps (the other nine steps are a plain backward pass and
-    two small products per layer), the averages forgetting 0.95 per *step*
-    (:math:`0.95^{10}` per update), momentum 0.5 and :math:`\\kappa = 3\\cdot10^{-3}`.
+    **Defaults** (issue 12: time to a target, not steps).  Statistics and inverses at
+    steps 1, 3, 6 (:data:`WARMUP_STEPS`) and then every :math:`T_f = T_i = 10` steps
+    (the other steps are a plain backward pass and two small products per layer), the
+    averages forgetting 0.95 per *step* (:math:`0.95^{k}` for an update :math:`k` steps
+    after the previous one), momentum 0.5 and :math:`\\kappa = 3\\cdot10^{-3}`.
     Measured on the digits MLP 64-128-128-10 (batch 128, training loss 0.05, lr tuned on
-    a :math:`\\sqrt{10}` grid, median of 3 seeds, ``benchmarks/optimizers.py``; 2 shared
-    cores, wall-clock ratios vary by about 0.1 with load): 28 steps at 2.0-2.3x an Adam
-    step, 0.8-0.9x Adam's wall-clock (Adam: 71 steps); the previous defaults (statistics
-    every step, 0.95 per update, no momentum, :math:`\\kappa = 10^{-2}`) took 37 steps at
-    3.7-4.5x, 1.9-2.3x Adam's wall-clock.  Statistics every 10 steps with 0.95 per
-    *update* (a 200-step memory) needed 46 steps.  With the same momentum and
-    :math:`\\kappa`: statistics every 8 steps or every step, the same 26-31 steps at a
-    higher cost; every 15 or 20 steps 35-39; every step for the first 3 steps and then
-    every 10, or at geometrically growing intervals, 30-31 (more statistics steps for
-    no fewer steps).
+    a :math:`\\sqrt{10}` grid, median of 3 seeds, ``benchmarks/optimizers.py``, 2 cores,
+    ``OMP_WAIT_POLICY=PASSIVE``): 28 steps at 1.43x an Adam step along the trajectory,
+    0.58x Adam's wall-clock (Adam: 71 steps); amortized over 20-step blocks 1.19x an
+    Adam step.  With OpenMP's default spin-waiting the same 28 steps cost 2.6x an Adam
+    step, 1.06x its wall-clock: Adam's step is then 0.74 ms, and a statistics step (an
+    extra backward, six factor products, nine float64 Cholesky inverses of sides up to
+    128: about 1.6 ms of LAPACK alone) costs about five of them.  The previous defaults
+    (statistics every step, 0.95 per update, no momentum, :math:`\\kappa = 10^{-2}`)
+    took 35-37 steps at 2.9-4.5x, 1.4-2.3x Adam's wall-clock.  Statistics every 10
+    steps with 0.95 per *update* (a 200-step memory) needed 46 steps.  With the same
+    momentum and :math:`\\kappa` (5 seeds): statistics every 10 steps 32 steps, every 5
+    30, every 15 or 20 35-37, inverses every 20 or 30 33-39; damping
+    :math:`3\\cdot10^{-3}` 36 and :math:`10^{-2}` 53.
     Momentum 0.5-0.6 with :math:`\\kappa = 2\\text{-}5\\cdot10^{-3}` gave 26-32 steps,
     momentum 0 with :math:`\\kappa = 10^{-2}` 37 (the step length is set by
     :math:`\\kappa`, so the best lr spans the grid).  On the 3c3d CNN (N=64) the
