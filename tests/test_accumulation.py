@@ -111,3 +111,25 @@ def test_kfra_refuses_a_second_micro_batch():
         with curvopt.collect(model, loss_fn, curvopt.KFRA(), accumulate=True):
             for Xi, yi in zip(X.split(SIZES), y.split(SIZES)):
                 loss_fn(model(Xi), yi).backward()
+
+
+def test_union_does_not_alias_the_first_micro_batch_results():
+    """Changing the first micro-batch's returned results in place leaves the union alone."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    lf = torch.nn.CrossEntropyLoss(reduction="sum")
+    X, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    from curvopt.engine.collector import Collector
+    from curvopt.extensions import SumGradSquared
+
+    def union(mutate):
+        model.zero_grad()
+        col = Collector(model, lf, (SumGradSquared(),), accumulate=True)
+        with col:
+            lf(model(X[:3]), y[:3]).backward()
+            if mutate:
+                col.results["0.weight"]["sum_grad_squared"].mul_(4.0)
+            lf(model(X[3:]), y[3:]).backward()
+        return col.results["0.weight"]["sum_grad_squared"].clone()
+
+    torch.testing.assert_close(union(True), union(False), rtol=0, atol=0)

@@ -555,6 +555,14 @@ def test_categorical_sampler_draws_each_class_with_its_probability():
     se = (p * (1 - p) / M).sqrt()
     assert ((freq - p).abs() <= 5 * se + 1e-12).all(), (freq, p)
     assert (freq[p == 0] == 0).all()
+    # a large vocabulary in float32: 50000 tail classes of p = 1e-8, below float32's
+    # resolution near a running total of 1; the draws are those of the same probabilities
+    # in float64 (a float32 running sum lumps the tail classes together)
+    tail = torch.full((50_000,), 1e-8)
+    big = torch.cat([torch.tensor([1.0 - float(tail.sum())]), tail]).unsqueeze(0)
+    d32 = _categorical(big, 200_000, torch.Generator().manual_seed(1))
+    d64 = _categorical(big.double(), 200_000, torch.Generator().manual_seed(1))
+    assert int((d32 > 0).sum()) > 50 and torch.equal(d32, d64)
     # float32 probabilities whose cumulative sum falls short of 1 still give valid classes
     q = torch.softmax(torch.randn(64, 7, generator=gen), -1).float()
     d = _categorical(q, 50, gen)

@@ -246,10 +246,6 @@ class Collector:
         self.coupled_layers: set[str] = set()
         self.accumulate = accumulate
         self._union: dict = {}  # (param name, savefield) -> (quantity, additive state)
-        # the first micro-batch since reset, folded into _union only when a second arrives:
-        # with one backward per step (the common case) its results are the union's as they
-        # are, without the round trip through additive states
-        self._first: tuple | None = None
         self._union_z = self._union_n = 0.0  # the union's loss normalizer and sample count
         self._normalizer_local = None  # this backward's loss normalizer (accumulation)
         #: ``d total / d (loss module output)`` of the last backward (1.0 when unscaled).
@@ -839,45 +835,29 @@ class Collector:
             z = z / gb.rho
         z = 1.0 if summed else z
         self._normalizer_local = None
-        first = not self._union and self._first is None
-        if first:
-            # a state that is not the value itself (Variance: the second moment and the
-            # total, which may alias p.grad that the next backward accumulates into) is
-            # taken now; the others only when a second micro-batch arrives
-            jobs = [(name, q, ctx, None if type(q).unnormalize is Quantity.unnormalize
-                     else q.unnormalize(out[name][q.savefield], ctx, z, n))
-                    for name, q, ctx in jobs]
-            self._first = (out, jobs, z, n)
-        else:
-            if self._first is not None:
-                self._fold(*self._first)
-                self._first = None
-            self._fold(out, [(*job, None) for job in jobs], z, n)
+        first = not self._union
+        for name, q, ctx in jobs:
+            state = q.unnormalize(out[name][q.savefield], ctx, z, n)
+            key = (name, q.savefield)
+            if key in self._union:
+                state = q.merge(self._union[key][1], state)
+            self._union[key] = (q, state)
         self._union_n += n
         self._union_z = 1.0 if summed else self._union_z + z
         self.samples = int(self._union_n)
         if first:
+            # one micro-batch so far (the common case: one backward per step): its results
+            # are the union's as they are, without the round trip through the states
             return out
         union: dict[str, dict] = {}
         for (name, field), (q, state) in self._union.items():
             union.setdefault(name, {})[field] = q.normalize(state, self._union_z, self._union_n)
         return union
 
-    def _fold(self, out, jobs, z: float, n: int) -> None:
-        """Add one micro-batch's results (normalizer ``z``, ``n`` samples) to the union."""
-        for name, q, ctx, state in jobs:
-            if state is None:
-                state = q.unnormalize(out[name][q.savefield], ctx, z, n)
-            key = (name, q.savefield)
-            if key in self._union:
-                state = q.merge(self._union[key][1], state)
-            self._union[key] = (q, state)
-
     def reset(self) -> None:
         """Start a new union of micro-batches (``accumulate=True``): the next backward
         pass is the first of the next batch."""
         self._union = {}
-        self._first = None
         self._union_z = self._union_n = 0.0
 
 
@@ -897,15 +877,14 @@ def _check_batch(rec: Record, lay) -> None:
 
 
 def _non_finite(recs: list[Record]) -> list[str]:
-    """Names of the records whose output gradient is not finite: one fused norm per
-    device and one sync (the norm of a tensor is finite iff every entry is, barring an
-    overflow of the squares' sum, which then is a gradient worth the warning too)."""
+    """Names of the records whose output gradient is not finite: one fused max-norm per
+    device and one sync (finite iff every entry is; it cannot overflow)."""
     by_device: dict = {}
     for r in recs:
         by_device.setdefault(r.grad.device, []).append(r)
     bad = []
     for group in by_device.values():
-        norms = torch._foreach_norm([r.grad for r in group])
+        norms = torch._foreach_norm([r.grad for r in group], ord=float("inf"))
         flags = torch.isfinite(torch.stack([n.to(torch.float32) for n in norms]))
         if not bool(flags.all()):
             bad += [r.name for r, ok in zip(group, flags.tolist(), strict=True) if not ok]
@@ -945,11 +924,10 @@ def _check_coverage(probes: list) -> None:
     for pr in probes:
         by_device.setdefault(pr[2].device, []).append(pr)
     for group in by_device.values():
-        flat = torch.stack([x.reshape(()).to(torch.float64) for pr in group for x in pr[2:]])
-        values = flat.tolist()
-        for i, (ctx, tol, _, _) in enumerate(group):
-            residual, bound = values[2 * i], values[2 * i + 1]
-            if not residual <= bound:  # NaN included: the second look decides
+        # compared on the device, in the values' own dtype (NaN compares False)
+        ok = torch.stack([(r <= b).reshape(()) for _, _, r, b in group]).tolist()
+        for (ctx, tol, _, _), passed in zip(group, ok, strict=True):
+            if not passed:  # NaN included: the second look decides
                 _second_look(ctx, tol)
 
 

@@ -313,15 +313,17 @@ def _all_finite(value: Any) -> bool:
 
 
 def _grads_finite(grads: list[Tensor]) -> bool:
-    """Whether every tensor is finite: one fused norm per (device, dtype), one sync
-    (a norm is finite iff every entry is, barring an overflow of the squares' sum)."""
+    """Whether every tensor is finite: one fused max-norm per (device, dtype), one sync
+    per device (the max-norm is finite iff every entry is; it cannot overflow)."""
     groups: dict = {}
     for g in grads:
+        if g.is_sparse:
+            g = g.coalesce().values()
         if g.numel():
             groups.setdefault((g.device, g.dtype), []).append(g)
-    norms = [n.to(torch.float64, copy=False).cpu() if len(groups) > 1 else n
-             for gs in groups.values() for n in torch._foreach_norm(gs)]
-    return not norms or bool(torch.isfinite(torch.stack(norms)).all())
+    flags = [torch.isfinite(torch.stack(torch._foreach_norm(gs, ord=float("inf")))).all()
+             for gs in groups.values()]
+    return all(bool(f) for f in flags)
 
 
 def _derived_streams(states: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
@@ -396,11 +398,10 @@ class Transaction(dict):
         # path: the per-parameter calls cost more than their arithmetic on small layers
         groups: dict = {}
         for p, d, lr, wd in self.moves:
-            groups.setdefault((lr, wd, p.device, p.dtype), ([], []))
-            ps, ds = groups[(lr, wd, p.device, p.dtype)]
+            ps, ds = groups.setdefault((lr, wd, p.device, p.dtype, d.dtype), ([], []))
             ps.append(p)
-            ds.append(d.to(p.dtype))
-        for (lr, wd, _, _), (ps, ds) in groups.items():
+            ds.append(d)  # not cast: the add rounds once, in the parameter's dtype
+        for (lr, wd, *_), (ps, ds) in groups.items():
             F.apply_updates_(ps, ds, lr, wd)
         self.clear()
         self.moves.clear()
@@ -451,6 +452,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.track = parse_track(track)
         self._global_step = 0
+        # step() calls so far, taken or skipped: the tracking schedule counts them, so that
+        # it stays aligned with the training loop's iterations after a skipped step
+        self._calls = 0
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self._mc_seed = int(seed)
@@ -740,15 +744,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self._trainable_signature() != self._trainable:
             self._attach()  # parameters were (un)frozen: hook what is trainable now
         step = self._global_step + 1
-        track = self.track if step % self._track_every == 0 else ()
+        track = self.track if (self._calls + 1) % self._track_every == 0 else ()
         exts = _merge(self._extensions_for_step(step), track)
         self._collector.extensions = exts
         self._collector.only = self._only(exts)
 
     @property
     def track_every(self) -> int:
-        """``track`` is computed on the steps ``t`` (1-based) with ``t % track_every == 0``
-        only: a training loop that logs every k steps need not pay for them in between."""
+        """``track`` is computed on the ``t``-th call of :meth:`step` (1-based, skipped
+        steps counted: the loop's iteration) with ``t % track_every == 0`` only: a training
+        loop that logs every k iterations need not pay for them in between."""
         return self._track_every
 
     @track_every.setter
@@ -799,6 +804,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         finally:
             self._rng_snapshot = None
             self._last_loss = None
+            self._calls += 1
             self._schedule()
         return loss
 
