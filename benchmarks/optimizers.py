@@ -30,7 +30,12 @@ Run::
 on the digits MLP about a minute, with ``--models cnn`` about 8 minutes.
 
 Targets of issue 12 on the digits MLP: KFACOptimizer's wall-clock <= 0.6x Adam's,
-steps <= 0.6x, amortized step <= 1.5x an Adam step.
+steps <= 0.6x, amortized step <= 1.5x an Adam step; <= 0.5x kfac-pytorch's wall-clock.
+
+kfac-pytorch 0.4.2 is a row of the digits part when ``import kfac`` works: install it
+from its repository into a side environment (with this project's torch, scikit-learn
+and numpy) and run this script there with ``PYTHONPATH`` set to this checkout; its code
+is never part of this project.
 """
 
 from __future__ import annotations
@@ -199,6 +204,40 @@ DIGITS_CONFIGS: dict[str, tuple[Factory, list[float]]] = {
     "VarianceAdaptiveSGD": (
         lambda m, lf, lr: VarianceAdaptiveSGD(m, lf, lr=lr), sqrt10_grid(-2, 2)),
 }
+
+
+class _KfacPytorch:
+    """kfac-pytorch 0.4.2 as its README uses it (a peer column, only where it is installed:
+    ``pip install`` of its repository in a side environment, never vendored here):
+    ``loss.backward(); preconditioner.step(); sgd.step()``, factors every step, inverses
+    every 10 steps, damping 1e-3, factor decay 0.95, KL clip 1e-2, plain SGD."""
+
+    def __init__(self, model, loss_fn, lr):
+        from kfac.preconditioner import KFACPreconditioner
+
+        self.sgd = torch.optim.SGD(model.parameters(), lr=lr)
+        self.pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=10,
+                                      damping=1e-3, factor_decay=0.95, kl_clip=1e-2,
+                                      lr=lambda step: lr)
+
+    def zero_grad(self, set_to_none=True):
+        self.sgd.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        self.pre.step()
+        self.sgd.step()
+
+
+def _has_kfac_pytorch() -> bool:
+    try:
+        import kfac.preconditioner  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if _has_kfac_pytorch():
+    DIGITS_CONFIGS["kfac-pytorch 0.4.2 (+ SGD)"] = (_KfacPytorch, sqrt10_grid(-4, 3))
 
 
 def _train(make: Factory, lr: float, seed: int, X, y, batch: int, *, steps: int,
