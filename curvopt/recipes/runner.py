@@ -236,8 +236,9 @@ def _progress_bar(total: int, desc: str, progress: bool | None) -> Any:
 
 def _warm_up(config: RecipeConfig, built: Built) -> None:
     """One untimed forward and backward of a throwaway copy of the recipe's model and loss
-    (no optimizer; torch's RNG untouched), so that torch's one-time start-up (autograd
-    engine, thread pool, first kernels) is charged to no run: measured, ``compare`` of the
+    (no optimizer; torch's RNG untouched) and one tiny factorization, so that torch's
+    one-time start-up (autograd engine, thread pool, first kernels, loading LAPACK) is
+    charged to no run: measured, ``compare`` of the
     digits MLP recipes charged about 2 ms to the first step of whichever ran first (Adam's
     first step 1.8 ms second, 4.0 ms first), about half an Adam run to its target."""
     with torch.random.fork_rng(devices=[]):
@@ -245,6 +246,10 @@ def _warm_up(config: RecipeConfig, built: Built) -> None:
         loss_fn = build_loss(config)
         _, x, y = next(built.data.batches(config.train.batch_size, torch.Generator()))
         loss_fn(model(x), y).backward()
+        # LAPACK is loaded on its first call (about 3 ms): a process start-up cost too
+        eye = torch.eye(2, dtype=torch.float64)
+        torch.cholesky_inverse(torch.linalg.cholesky(eye))
+        torch.linalg.eigh(eye)
 
 
 def train(
