@@ -4,6 +4,7 @@ Architecture (imports only go down this list; ``tests/test_architecture.py`` che
 
     curvopt/
       errors.py, factors.py, _dist.py   errors; Kronecker factor lists; torch.distributed calls
+      _threads.py          small CPU work on one thread when OpenMP's pool sleeps
       rules/               what curvopt knows about each layer type, one rule per type:
         layout.py            the canonical layouts (Dense: Linear/Conv/ConvT, Elementwise:
                              biases and norms, Embedding, Materialized) and their maths
