@@ -513,24 +513,22 @@ class KFACOptimizer(CurvatureOptimizer):
         """EKFAC's requests for ``step``, and the Kronecker parameters each is for
         (``self._ekfac_split``, read by :meth:`_only`).
 
-        A parameter whose eigenbasis stays as it is through the step gets
-        :class:`~curvopt.quantities.KFESumGradSquared` in that basis (computed in the
-        engine, no per-sample gradients); one whose basis is (re)computed in the step,
-        after the backward (inverse-update steps; the first factors), gets ``grad_batch``,
-        projected into the new basis in :meth:`_update_scales` (Algorithm 1's order:
-        basis, then the diagonal in it, from the same batch).
+        A parameter with an eigenbasis gets :class:`~curvopt.quantities.KFESumGradSquared`
+        in the basis it has before the step (computed in the engine, no per-sample
+        gradients); on a step that recomputes the basis, that estimate is folded into the
+        running average first and carried over to the new basis with it
+        (:meth:`_update_scales` before :meth:`_update_inverses`): the batch is used in the
+        basis it was measured in.  A parameter whose *first* basis is computed in the step
+        has nothing to rotate into yet: it gets ``grad_batch``, projected into the new basis
+        after the step computes it (George et al.'s Algorithm 1 order).
         """
         self._ekfac_split: dict[str, list[Tensor]] = {}
         if not self.eigen_correction:
             return ()
         kron = self._kinds()[P.KRONECKER]
-        if self._inverse_due(step):
-            project, rotate = kron, []
-        else:
-            has = [p for p in kron if "eigenvectors" in self.state.get(p, ())]
-            rotate = has
-            project = ([p for p in kron if "eigenvectors" not in self.state.get(p, ())]
-                       if self._factor_due(step) else [])
+        rotate = [p for p in kron if "eigenvectors" in self.state.get(p, ())]
+        project = ([p for p in kron if "eigenvectors" not in self.state.get(p, ())]
+                   if self._factor_due(step) else [])
         exts = []
         if project:
             exts.append(BatchGrad())
@@ -577,10 +575,12 @@ class KFACOptimizer(CurvatureOptimizer):
         with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         self._curvature_missing = bool(missing) or len(blocks) < len(
             [p for p in with_grad if id(p) not in self._warned_idle])
+        if self.eigen_correction:  # measured in the basis the step starts with
+            self._update_scales(stats, blocks, tx, KFESumGradSquared.savefield)
         self._update_inverses([(g, b) for g, _, b in blocks
                                if self._inverse_due(step) or not b.has_inverse])
-        if self.eigen_correction:
-            self._update_scales(stats, blocks, tx)
+        if self.eigen_correction:  # first bases: projected into them
+            self._update_scales(stats, blocks, tx, "grad_batch")
         directions = self._precondition(blocks)
         self._demote(missing)
         if not directions:
@@ -688,7 +688,7 @@ class KFACOptimizer(CurvatureOptimizer):
         for (group, blk), owner, ts in zip(kron, owners, received, strict=True):
             blk.set_cache(ts, group["damping"], computed_here=owner == me)
 
-    def _update_scales(self, stats, blocks, tx) -> None:
+    def _update_scales(self, stats, blocks, tx, source: str) -> None:
         """EKFAC: the eigenbasis diagonal re-estimated from this batch's per-sample gradients.
 
         On every step (George et al. 2018, Algorithm 1: the diagonal is cheap next to the
@@ -698,7 +698,8 @@ class KFACOptimizer(CurvatureOptimizer):
         backward (already the global batch's under ``torch.distributed``), else
         ``grad_batch`` projected here (:meth:`~curvopt.optim.kronecker.EKFACBlock.projected_sum`)
         and summed over ranks; :math:`z` is summed over ranks.  Neither is kept in the state
-        (``grad_batch`` unless tracked).
+        (``grad_batch`` unless tracked).  ``source``: which of the two this call folds in
+        (the engine's before the basis is recomputed, the projected ones after).
         """
         if stats is None:
             return
@@ -706,11 +707,11 @@ class KFACOptimizer(CurvatureOptimizer):
         todo, local = [], []  # (group, block, value), indices of rank-local values
         for g, p, b in blocks:
             res = stats.get(p, {})
-            if not isinstance(b, EKFACBlock):
+            if not isinstance(b, EKFACBlock) or "eigenvectors" not in b.state:
                 continue
-            if kfe in res:
+            if source == kfe and kfe in res:
                 todo.append((g, b, res[kfe]))
-            elif "grad_batch" in res:
+            elif source == "grad_batch" and kfe not in res and "grad_batch" in res:
                 local.append(len(todo))
                 todo.append((g, b, b.projected_sum(res["grad_batch"])))
         if todo:
@@ -725,6 +726,8 @@ class KFACOptimizer(CurvatureOptimizer):
             for (group, blk, _), value in zip(todo, values, strict=True):
                 zz = z.to(value.device).reshape(()) if isinstance(z, Tensor) else z
                 blk.update_scale(value, zz, self._decay(group, steps=1))
+        if source == kfe:
+            return  # the state entries are dropped after the second call
         tracked = any(e.savefield == "grad_batch" for e in self.track)
         for p, res in stats.items():
             if kfe in res:
