@@ -105,15 +105,17 @@ class KFACOptimizer(CurvatureOptimizer):
     K-FAC on digits MLPs (27 against 28 on 64-128-128-10, median of 3 seeds, 30 against
     32 over 5; 12 against 14 on 64-32-10), more on linear least squares (25 against 12;
     the empirical Fisher vanishes with the residuals) and logistic regression (8 against
-    5).  Cost: on the steps that keep the basis, the engine's ``kfe_sum_grad_squared``
+    5).  Cost: the engine's ``kfe_sum_grad_squared`` on every step after the first
     (:mod:`curvopt.quantities.kfe`: cotangent rows rotated by :math:`Q_G`, inputs by
     :math:`Q_A`; :math:`N(d_G^2 + d_A^2 + d_G d_A)` multiply-adds per dense layer with one
-    row per sample, no per-sample gradients); on the steps that recompute it (every
-    :math:`T_i`, Algorithm 1's order: the new basis, then this batch's diagonal in it)
-    ``grad_batch`` ``[N, out, in]`` projected, :math:`N(d_G^2 d_A + d_G d_A^2)`.  On the
-    digits MLP (``benchmarks/optimizers.py``, 2 shared cores): 6.9 ms per step amortized
-    against 1.8 for K-FAC and 0.74 for Adam (9x an Adam step; 27 steps to the target,
-    3.4x Adam's wall-clock); projecting ``grad_batch`` on every step cost about 19-30 ms.
+    row per sample, no per-sample gradients).  On a step that recomputes the basis this
+    batch's estimate is taken in the basis the step starts with, folded into
+    :math:`\bar s`, and carried over to the new basis with it; only the first basis gets
+    ``grad_batch`` ``[N, out, in]`` projected into it, :math:`N(d_G^2 d_A + d_G d_A^2)`
+    (Algorithm 1's order there).  On the digits MLP (``benchmarks/optimizers.py``, 2
+    cores, PASSIVE): 28 steps to the target at 7.4 ms per step, 3.5x an Adam step, 1.3x
+    Adam's wall-clock; projecting on every basis step cost 12.5 ms per step, on every
+    step 19-30 ms.
     ``damping_mode`` must be left unset (or ``"eigen"``).
 
     Biases (factor ``[G]``) and other single-factor blocks use
