@@ -110,7 +110,7 @@ class KFACOptimizer(CurvatureOptimizer):
     :math:`Q_A`; :math:`N(d_G^2 + d_A^2 + d_G d_A)` multiply-adds per dense layer with one
     row per sample, no per-sample gradients).  On a step that recomputes the basis this
     batch's estimate is taken in the basis the step starts with, folded into
-    :math:`\bar s`, and carried over to the new basis with it; only the first basis gets
+    :math:`\\bar s`, and carried over to the new basis with it; only the first basis gets
     ``grad_batch`` ``[N, out, in]`` projected into it, :math:`N(d_G^2 d_A + d_G d_A^2)`
     (Algorithm 1's order there).  On the digits MLP (``benchmarks/optimizers.py``, 2
     cores, PASSIVE): 28 steps to the target at 7.4 ms per step, 3.5x an Adam step, 1.3x
