@@ -102,8 +102,8 @@ class KFACOptimizer(CurvatureOptimizer):
     (biases).  The per-sample gradients come from the loss's real targets, so
     :math:`\\bar s` is the *empirical* Fisher's diagonal while the basis is that of
     ``curvature``'s factors.  Measured (steps to a target, lr tuned): fewer steps than
-    K-FAC on digits MLPs (27 against 28 on 64-128-128-10, median of 3 seeds, 30 against
-    32 over 5; 12 against 14 on 64-32-10), more on linear least squares (25 against 12;
+    K-FAC on digits MLPs (64-128-128-10: 28 against 30, median of 5 seeds, 28 against 28
+    over 3; 12 against 14 on 64-32-10), more on linear least squares (25 against 12;
     the empirical Fisher vanishes with the residuals) and logistic regression (8 against
     5).  Cost: the engine's ``kfe_sum_grad_squared`` on every step after the first
     (:mod:`curvopt.quantities.kfe`: cotangent rows rotated by :math:`Q_G`, inputs by
