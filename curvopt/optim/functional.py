@@ -34,6 +34,7 @@ __all__ = [
     "apply_update_",
     "apply_updates_",
     "momentum",
+    "momenta",
     # Kronecker-factored curvature
     "kronecker_dims",
     "kronecker_matvec",
@@ -111,6 +112,25 @@ def momentum(buffer: Tensor | None, direction: Tensor, mu: float) -> Tensor:
     if buffer is None:
         return direction.clone()
     return torch.add(direction, buffer, alpha=mu)  # one kernel, a new tensor
+
+
+def momenta(buffers: Sequence[Tensor | None], directions: Sequence[Tensor], mu: float
+            ) -> list[Tensor]:
+    """:func:`momentum` for many parameters: one fused ``torch._foreach_add`` per (device,
+    dtype) group of existing buffers (new tensors; the buffers are not modified)."""
+    out: list = [None] * len(directions)
+    groups: dict = {}
+    for i, (b, d) in enumerate(zip(buffers, directions, strict=True)):
+        if b is None or b.dtype != d.dtype or b.device != d.device:
+            out[i] = momentum(b, d, mu)
+        else:
+            groups.setdefault((d.device, d.dtype), []).append(i)
+    for idx in groups.values():
+        new = torch._foreach_add([directions[i] for i in idx], [buffers[i] for i in idx],
+                                 alpha=mu)
+        for i, t in zip(idx, new, strict=True):
+            out[i] = t
+    return out
 
 
 # ================================================================ Kronecker-factored blocks
