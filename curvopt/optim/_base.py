@@ -118,6 +118,7 @@ from torch import Tensor, nn
 from .. import losses
 from .._threads import is_small, one_thread
 from ..engine import Collector
+from ..engine.collector import non_finite
 from ..errors import CollectError, CurvoptError
 from ..extensions import (
     KFAC,
@@ -168,8 +169,6 @@ ALL_EXTENSIONS = (
 #: model, 32 sequences of 16 tokens: 1.3x (V=4), 2.1x (8), 5.5x (16), 8.7x (32).
 #: Ten columns keep ten-class problems (digits, CIFAR-10) exact at about 1.5x.
 AUTO_EXACT_MAX_COLUMNS = 10
-
-#: First-order statistics and the power of the loss scale they carry.
 
 #: State entries shaped like their parameter, and entries that are Kronecker factor lists.
 _PARAM_SHAPED = frozenset({
@@ -313,24 +312,9 @@ def _all_finite(value: Any) -> bool:
 
 
 def _grads_finite(grads: list[Tensor]) -> bool:
-    """Whether every tensor is finite: one fused 2-norm per (device, dtype) and one sync
-    each; a tensor whose norm is not finite is then checked entry by entry, since the sum
-    of squares can overflow for large finite entries (float16 above 65504).  (The
-    max-norm cannot overflow but was measured 10x slower on CPU.)"""
-    groups: dict = {}
-    for g in grads:
-        if g.is_sparse:
-            g = g.coalesce().values()
-        if g.numel():
-            groups.setdefault((g.device, g.dtype), []).append(g)
-    for gs in groups.values():
-        norms = torch._foreach_norm(gs)
-        if bool(torch.isfinite(torch.stack(norms)).all()):
-            continue
-        if not all(bool(torch.isfinite(g).all()) for g, n in zip(gs, norms, strict=True)
-                   if not bool(torch.isfinite(n))):
-            return False
-    return True
+    """Whether every tensor is finite (:func:`curvopt.engine.collector.non_finite`; a sparse
+    gradient by its stored values)."""
+    return not non_finite([g.coalesce().values() if g.is_sparse else g for g in grads])
 
 
 def _derived_streams(states: dict[str, Tensor], rank: int) -> dict[str, Tensor]:

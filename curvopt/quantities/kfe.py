@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .base import ParamContext, Quantity
-from .first_order import _per_sample
+from .first_order import SumGradSquared, _per_sample
 
 
 def project_sum_sq(per_sample: Tensor, eigenvectors: Sequence[Tensor]) -> Tensor:
@@ -87,5 +87,4 @@ class KFESumGradSquared(Quantity):
             return rot.sum_sq().reshape(ctx.param.shape)
         return project_sum_sq(_per_sample(ctx), Qs).reshape(ctx.param.shape)
 
-    def sync(self, value, ctx, gb):  # as SumGradSquared
-        return [value * gb.rho**2], lambda parts: parts[0]
+    sync = SumGradSquared.sync  # the same scaling over ranks

@@ -128,13 +128,7 @@ class Bound:
 
     def dense_block(self) -> Tensor:
         """:math:`\\sum_{k,n} \\mathrm{vec}(\\nabla\\ell_{kn}) \\mathrm{vec}(\\nabla\\ell_{kn})^\\top`."""
-        d = self.layout.param.numel()
-        if d > MAX_DENSE_BLOCK:
-            raise UnsupportedModuleError(
-                f"a dense curvature block of a parameter with {d} entries would be "
-                f"{d}x{d}; above {MAX_DENSE_BLOCK} curvopt refuses it. Ask for the "
-                "diagonal (DiagGGNExact/DiagGGNMC) for this parameter instead."
-            )
+        _refuse_dense(self.layout.param.numel())
         ps = self.per_sample().flatten(2).flatten(0, 1)
         return ps.T @ ps
 
@@ -159,6 +153,17 @@ def _rotate(T: Tensor, Q: Tensor) -> Tensor:
     if Q.dim() == 2:
         return T @ Q
     return torch.einsum("...gd,gde->...ge", T, Q)
+
+
+def _refuse_dense(d: int) -> None:
+    """Refuse a dense curvature block of a parameter with ``d`` entries above
+    :data:`MAX_DENSE_BLOCK` per side."""
+    if d > MAX_DENSE_BLOCK:
+        raise UnsupportedModuleError(
+            f"a dense curvature block of a parameter with {d} entries would be {d}x{d}; "
+            f"above {MAX_DENSE_BLOCK} curvopt refuses it. Ask for the diagonal "
+            "(DiagGGNExact/DiagGGNMC) for this parameter instead."
+        )
 
 
 def round_off(dtype: torch.dtype) -> float:
@@ -386,11 +391,21 @@ class DenseBound(Bound):
         Exact equality has probability one to be detected as a mismatch when ``t`` differs
         from the total; the tolerance only absorbs round-off.
         """
-        probe = self.total_residual(t, round_off(t.dtype) if tol is None else tol)
+        tol = round_off(t.dtype) if tol is None else tol
+        probe = self.total_residual(t, tol)
         if probe is None:
             return False
         residual, bound = probe
-        return bool(residual <= bound) or bool(residual <= self.cancellation_bound(t, tol))
+        return bool(residual <= bound) or bool(residual <= self.cancellation_bound(tol))
+
+    def _probe_rows(self):
+        """Every row of every sample, ``Rf: [N·S, Do]``, ``Xf: [N·S, Di]``, and the probe
+        vectors ``u, v`` with ``‖u‖‖v‖``; ``None`` for transposed or grouped layouts."""
+        R, X = self.R[0], self.X  # [N, S, g, Do], [N, S, g, Di]
+        if self.layout.transposed or R.shape[2] != 1:
+            return None
+        u, v, uv = _probe_vectors(R.shape[-1], X.shape[-1], R.dtype, R.device)
+        return R[:, :, 0].reshape(-1, R.shape[-1]), X[:, :, 0].reshape(-1, X.shape[-1]), u, v, uv
 
     def total_residual(self, t: Tensor, tol: float) -> tuple[Tensor, Tensor] | None:
         """``(|uᵀtv − Σ_n (uᵀR_n)(X_nᵀv)|, tol·‖u‖‖v‖‖t‖)`` as tensors (no device sync: a
@@ -400,25 +415,20 @@ class DenseBound(Bound):
         ``u, v`` are drawn once per shape from a private stream: independent of whatever
         makes ``t`` differ, so a mismatch is detected with probability one.
         """
-        R, X = self.R[0], self.X  # [N, S, g, Do], [N, S, g, Di]
-        if self.layout.transposed or R.shape[2] != 1:
+        rows = self._probe_rows()
+        if rows is None:
             return None
-        u, v, uv = _probe_vectors(R.shape[-1], X.shape[-1], R.dtype, R.device)
-        t2 = t.reshape(R.shape[-1], X.shape[-1]).to(R.dtype)
-        Rf = R[:, :, 0].reshape(-1, R.shape[-1])  # every row of every sample
-        Xf = X[:, :, 0].reshape(-1, X.shape[-1])
+        Rf, Xf, u, v, uv = rows
+        t2 = t.reshape(u.shape[0], v.shape[0]).to(Rf.dtype)
         residual = (torch.dot(u, t2 @ v) - torch.dot(Rf @ u, Xf @ v)).abs()
         # Cauchy-Schwarz scale of uᵀtv: round-off stays far below it, a real mismatch not
         return residual, torch.linalg.vector_norm(t2) * (tol * uv) + 1e-30
 
-    def cancellation_bound(self, t: Tensor, tol: float | None = None) -> Tensor:
+    def cancellation_bound(self, tol: float) -> Tensor:
         """The residual's round-off bound when the summed terms cancel (a weight before a
-        train-mode BatchNorm): the scale of the terms, not of their sum."""
-        R, X = self.R[0], self.X
-        tol = round_off(t.dtype) if tol is None else tol
-        u, v, uv = _probe_vectors(R.shape[-1], X.shape[-1], R.dtype, R.device)
-        Rf = R[:, :, 0].reshape(-1, R.shape[-1])
-        Xf = X[:, :, 0].reshape(-1, X.shape[-1])
+        train-mode BatchNorm): the scale of the terms, not of their sum (layouts that
+        :meth:`total_residual` checks)."""
+        Rf, Xf, _, _, uv = self._probe_rows()
         terms = (torch.linalg.vector_norm(Rf, dim=1) * torch.linalg.vector_norm(Xf, dim=1)).sum()
         return terms * (tol * uv) + 1e-30
 
@@ -535,13 +545,7 @@ class ElementwiseBound(Bound):
         # A bias has the Kronecker factor G of its layer alone (BackPACK: ``[G]``).
         if self.Xhat is not None:
             return None
-        D = self.R.shape[-1]
-        if D > MAX_DENSE_BLOCK:
-            raise UnsupportedModuleError(
-                f"the curvature block of a parameter with {D} entries would be {D}x{D}; "
-                f"above {MAX_DENSE_BLOCK} curvopt refuses it. Ask for the diagonal "
-                "(DiagGGNExact/DiagGGNMC) for this parameter instead."
-            )
+        _refuse_dense(self.R.shape[-1])
         R = self.R.sum(2).flatten(0, 1) if self.layout.reduce_G else self.R.flatten(0, 2)
         return R.T @ R
 
